@@ -1,0 +1,1 @@
+"""Evaluation: PSNR gap (and, with later issues, FID, attention locality, Jacobians)."""

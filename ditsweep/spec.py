@@ -1,0 +1,252 @@
+"""Sweep files: the YAML schema, its validation, and the expansion of the grid into trials.
+
+A sweep YAML is data. Everything in it is checked here before any trial starts, and every
+problem is reported as `FILE: FIELD: what is wrong (value)` so a researcher can fix it at once.
+"""
+
+import difflib
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ditsweep.data import dataset_size, parse_dataset_uri
+from ditsweep.models import PRESETS, LayoutError, layout_to_str, resolve_layout
+
+
+class SpecError(Exception):
+    """A sweep file is invalid. The message names the file, the field and the value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Grid(Strict):
+    """The axes whose cartesian product makes the trials."""
+    model: list[str] = Field(min_length=1)
+    layout: list[str | list[int | str]] = ["global"]
+    variant: list[Literal["standard", "weight-sharing"]] = ["standard"]
+    n_train: list[int] = Field(min_length=1)
+    seed: list[int] = [0]
+    dataset: list[str] = ["builtin:photos"]
+
+
+class DataSettings(Strict):
+    resolution: int = Field(32, gt=0)
+
+
+class TrainSettings(Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    log_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    attention_backend: Literal["auto", "torch", "natten"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CUDA autocast
+    compile: bool = False  # torch.compile the model (worth it on GPU only)
+
+
+class PsnrGapSettings(Strict):
+    enabled: bool = True
+    num_images: int = Field(300, gt=0)  # K; the trial uses min(K, N)
+    steps: int = Field(50, gt=0)        # S respaced timesteps
+    every: int = Field(0, ge=0)         # also evaluate every this many steps (0: at the end only)
+    batch_size: int = Field(256, gt=0)
+
+
+class EvalSettings(Strict):
+    use_ema: bool = True
+    psnr_gap: PsnrGapSettings = PsnrGapSettings()
+
+
+class Resources(Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the resources allow
+
+
+class Tracking(Strict):
+    uri: str | None = None         # default: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    experiment: str | None = None  # default: the sweep name
+
+
+class Sweep(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    grid: Grid
+    data: DataSettings = DataSettings()
+    train: TrainSettings
+    eval: EvalSettings = EvalSettings()
+    resources: Resources = Resources()
+    tracking: Tracking = Tracking()
+    storage_path: str | None = None  # Tune storage; default ./ray_results
+
+    @field_validator("name")
+    @classmethod
+    def _no_spaces(cls, v: str) -> str:
+        return v.strip()
+
+
+class TrialConfig(Strict):
+    """One fully resolved trial: everything the trainable needs, and what MLflow records."""
+    sweep: str
+    trial: str
+    model: str
+    arch: str
+    layout_name: str
+    layout: str  # e.g. "3,5,7,G,G,G"; "-" for a UNet
+    variant: str
+    n_train: int
+    seed: int
+    dataset: str
+    data: DataSettings
+    train: TrainSettings
+    eval: EvalSettings
+    resources: Resources
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file (schema, then every trial it expands to)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep file must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        sweep = Sweep.model_validate(_expand_env(raw, path, ()))
+    except ValidationError as e:
+        raise SpecError(_explain(path, e)) from None
+    expand(sweep, path)  # checks presets, layouts, datasets and N for every trial
+    return sweep
+
+
+def expand(sweep: Sweep, path: str | Path = "<sweep>") -> list[TrialConfig]:
+    """The grid's cartesian product as trial configs (UNets ignore the layout axis)."""
+    tracking_uri = resolve_tracking_uri(sweep.tracking.uri)
+    trials, seen = [], set()
+    g = sweep.grid
+    for model, layout, variant, dataset, n_train, seed in itertools.product(
+            g.model, g.layout, g.variant, g.dataset, g.n_train, g.seed):
+        arch, layout_name, layout_str = _resolve_model(path, model, layout, sweep.data.resolution)
+        key = (model, layout_str, variant, dataset, n_train, seed)
+        if key in seen:  # a UNet repeated once per layout of the grid
+            continue
+        seen.add(key)
+        _check_dataset(path, dataset, n_train, sweep)
+        if variant == "weight-sharing" and arch != "dit":
+            raise SpecError(f"{path}: grid.variant: 'weight-sharing' applies to DiT presets only, "
+                            f"not {model!r}")
+        name_parts = [model.replace("/", "-"), layout_name, variant if variant != "standard" else "",
+                      _dataset_tag(dataset) if len(g.dataset) > 1 else "", f"N{n_train}", f"s{seed}"]
+        trials.append(TrialConfig(
+            sweep=sweep.name, trial=f"{len(trials):03d}_" + "_".join(p for p in name_parts if p),
+            model=model, arch=arch, layout_name=layout_name, layout=layout_str, variant=variant,
+            n_train=n_train, seed=seed, dataset=dataset, data=sweep.data, train=sweep.train,
+            eval=sweep.eval, resources=sweep.resources, tracking_uri=tracking_uri,
+            experiment=sweep.tracking.experiment or sweep.name))
+    return trials
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """YAML value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _resolve_model(path, model: str, layout, resolution: int) -> tuple[str, str, str]:
+    if model not in PRESETS:
+        raise SpecError(f"{path}: grid.model: unknown preset {model!r}; known: "
+                        + ", ".join(sorted(PRESETS)))
+    preset = PRESETS[model]
+    if preset["arch"] != "dit":
+        return preset["arch"], "unet", "-"
+    grid = resolution // preset["patch_size"]
+    try:
+        resolved = resolve_layout(layout, preset["depth"], grid)
+    except LayoutError as e:
+        raise SpecError(f"{path}: grid.layout: {e} (model {model}, {grid}x{grid} token grid)") from None
+    name = layout if isinstance(layout, str) and "," not in layout else "custom"
+    return "dit", name, layout_to_str(resolved)
+
+
+def _check_dataset(path, uri: str, n_train: int, sweep: Sweep) -> None:
+    try:
+        parse_dataset_uri(uri)
+        size = dataset_size(uri, sweep.data.resolution)
+    except ValueError as e:
+        raise SpecError(f"{path}: grid.dataset: {e}") from None
+    n_test = min(sweep.eval.psnr_gap.num_images, n_train) if sweep.eval.psnr_gap.enabled else 0
+    if n_train < 1 or n_train + n_test > size:
+        raise SpecError(f"{path}: grid.n_train: {n_train} is larger than dataset {uri!r} allows "
+                        f"({size} images, of which {n_test} are kept for testing)")
+
+
+def _dataset_tag(uri: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", uri.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any, path, loc: tuple) -> Any:
+    """Replace ${VAR} in strings by the environment variable; an unset one is an error."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path, loc + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path, loc + (i,)) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise SpecError(f"{path}: {_loc(loc)}: environment variable {m.group(1)} is not set "
+                                f"(value {value!r})")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, value)
+    return value
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) + "".join(
+        f"[{p}]" for p in loc[-1:] if isinstance(p, int))
+
+
+def _explain(path, error: ValidationError) -> str:
+    """Turn pydantic's errors into `FILE: FIELD: problem` lines, with spelling suggestions."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "str", "list[")))
+        where = _loc(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(Sweep, loc[:-1])
+            known = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            lines.append(f"{path}: {where}: unknown key"
+                         + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint
+                            else f"; allowed here: {', '.join(known)}"))
+        elif err["type"] == "missing":
+            lines.append(f"{path}: {where}: required field is missing")
+        else:
+            lines.append(f"{path}: {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model

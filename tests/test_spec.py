@@ -1,0 +1,104 @@
+"""Sweep validation: every kind of bad input gives one message naming file, field and value,
+and `python -m ditsweep.run` exits with code 2 before any trial starts."""
+
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, tiny_sweep, write_sweep
+from ditsweep.spec import SpecError, expand, load_sweep
+
+
+def error_for(tmp_path, sweep: dict) -> str:
+    path = write_sweep(tmp_path, sweep)
+    with pytest.raises(SpecError) as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    return message
+
+
+def test_shipped_sweeps_are_valid():
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        if "placement" in path.name or "window" in path.name or "vs" in path.name or "param" in path.name:
+            continue  # paper sweeps name s3:// data by ${DITSWEEP_DATA_ROOT}: see test_paper_sweeps
+        sweep = load_sweep(path)
+        assert expand(sweep, path), path
+
+
+def test_smoke_sweep_has_the_promised_trials():
+    trials = expand(load_sweep(REPO / "sweeps/smoke.yaml"))
+    assert len(trials) >= 4
+    assert {t.layout_name for t in trials} == {"global", "local"}
+    assert {t.n_train for t in trials} == {10, 1000}
+    local = next(t for t in trials if t.layout_name == "local")
+    assert local.layout == "3,5,7,G,G,G"
+
+
+@pytest.mark.parametrize("grid_change, field, value", [
+    ({"model": ["DiT-Q/7"]}, "grid.model", "DiT-Q/7"),
+    ({"layout": ["locall"]}, "grid.layout", "locall"),
+    ({"layout": [[3, 4, 5, "G", "G", "G"]]}, "grid.layout", "4"),
+    ({"layout": [[3, 5, 9, "G", "G", "G"]]}, "grid.layout", "9"),
+    ({"layout": [[3, 5, "G"]]}, "grid.layout", "3"),
+    ({"n_train": [100000]}, "grid.n_train", "100000"),
+    ({"dataset": ["builtin:imagenet"]}, "grid.dataset", "builtin:imagenet"),
+])
+def test_bad_grid_values_are_named(tmp_path, grid_change, field, value):
+    sweep = tiny_sweep()
+    sweep["grid"].update(grid_change)
+    message = error_for(tmp_path, sweep)
+    assert field in message and value in message, message
+
+
+def test_window_larger_than_grid_says_the_grid(tmp_path):
+    sweep = tiny_sweep()
+    sweep["grid"]["layout"] = ["9,G,G,G,G,G"]
+    message = error_for(tmp_path, sweep)
+    assert "9" in message and "8x8" in message, message
+
+
+def test_misspelt_key_is_named_with_suggestion(tmp_path):
+    sweep = tiny_sweep()
+    sweep["grid"]["layuot"] = sweep["grid"].pop("layout")
+    message = error_for(tmp_path, sweep)
+    assert "grid.layuot" in message and "unknown key" in message and "grid.layout" in message
+
+
+def test_unknown_top_level_key_and_bad_type(tmp_path):
+    sweep = tiny_sweep()
+    sweep["trian"] = {}
+    assert "trian" in error_for(tmp_path, sweep)
+    sweep = tiny_sweep(train__steps="many")
+    message = error_for(tmp_path, sweep)
+    assert "train.steps" in message and "many" in message
+
+
+def test_unset_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("DITSWEEP_NOPE", raising=False)
+    sweep = tiny_sweep()
+    sweep["grid"]["dataset"] = ["${DITSWEEP_NOPE}/celeba"]
+    message = error_for(tmp_path, sweep)
+    assert "DITSWEEP_NOPE" in message and "grid.dataset" in message
+
+
+def test_cli_exits_2_before_starting_anything(tmp_path):
+    sweep = tiny_sweep()
+    sweep["grid"]["layout"] = [[3, 4, 5, "G", "G", "G"]]
+    path = write_sweep(tmp_path, sweep)
+    proc = subprocess.run([PYTHON, "-m", "ditsweep.run", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert str(path) in proc.stderr and "grid.layout" in proc.stderr and "4" in proc.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_dry_run_prints_the_trial_table(tmp_path):
+    sweep = tiny_sweep()
+    sweep["grid"].update(layout=["global", "local"], n_train=[10, 100], seed=[0, 1])
+    path = write_sweep(tmp_path, sweep)
+    proc = subprocess.run([PYTHON, "-m", "ditsweep.run", str(path), "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 trials" in proc.stdout and "3,5,7,G,G,G" in proc.stdout
+    assert not (tmp_path / "ray_results").exists()
