@@ -36,6 +36,23 @@ def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
+    """Trial count, resources, and the compute the sweep will take at the YAML's steps/s."""
+    r = sweep.resources
+    lines = [f"{len(trials)} trials x {sweep.train.steps} steps; per trial {r.cpus_per_trial:g} CPU, "
+             f"{r.gpus_per_trial:g} GPU; at most "
+             f"{r.max_concurrent_trials or 'as many as fit'} at once; {r.max_failures} restarts per trial"]
+    if r.steps_per_second:
+        hours = len(trials) * sweep.train.steps / r.steps_per_second / 3600
+        kind = "GPU" if r.gpus_per_trial else "CPU"
+        busy = hours * (r.gpus_per_trial or r.cpus_per_trial)
+        lines.append(f"estimate at {r.steps_per_second:g} steps/s per trial: {hours:,.1f} trial-hours "
+                     f"= {busy:,.1f} {kind}-hours of training (evaluation not included)")
+    else:
+        lines.append("no estimate: set resources.steps_per_second to the measured training speed")
+    return "\n".join(lines)
+
+
 def storage_path(sweep: Sweep) -> str:
     path = sweep.storage_path or os.environ.get("DITSWEEP_STORAGE") or "ray_results"
     return path if "://" in path else str(Path(path).resolve())
@@ -80,7 +97,10 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False) -> 
                 trial_name_creator=lambda trial: trial.config[TRIAL_KEY]["trial"],
                 trial_dirname_creator=lambda trial: trial.config[TRIAL_KEY]["trial"]),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=2)))
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=sweep.resources.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=sweep.train.checkpoints_to_keep)))
     grid = tuner.fit()
     results = {}
     for result in grid:
@@ -106,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     args = parser.parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.sweep, check_data=not args.dry_run)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trials = expand(sweep, args.sweep)
+    trials = expand(sweep, args.sweep, check_data=not args.dry_run)
     if args.dry_run:
         print(trial_table(trials))
-        print(f"\n{len(trials)} trials; nothing started (--dry-run)")
+        print("\n" + plan_summary(sweep, trials))
+        print("nothing started (--dry-run; datasets were not opened)")
         return 0
     results = run_sweep(sweep, trials, resume=args.resume)
     print(trial_table(trials, results))

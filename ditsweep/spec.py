@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from ditsweep.data import dataset_size, parse_dataset_uri
 from ditsweep.models import PRESETS, LayoutError, layout_to_str, resolve_layout
@@ -34,6 +34,7 @@ class Grid(Strict):
     n_train: list[int] = Field(min_length=1)
     seed: list[int] = [0]
     dataset: list[str] = ["builtin:photos"]
+    lr: list[PositiveFloat] | None = None  # overrides train.lr per trial when given
 
 
 class DataSettings(Strict):
@@ -47,6 +48,7 @@ class TrainSettings(Strict):
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
+    checkpoints_to_keep: int = Field(2, gt=0)
     attention_backend: Literal["auto", "torch", "natten"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CUDA autocast
     compile: bool = False  # torch.compile the model (worth it on GPU only)
@@ -69,6 +71,8 @@ class Resources(Strict):
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the resources allow
+    max_failures: int = Field(2, ge=0)  # restarts of a crashed trial, each from its last checkpoint
+    steps_per_second: float | None = Field(None, gt=0)  # measured speed, for --dry-run's estimate
 
 
 class Tracking(Strict):
@@ -114,8 +118,10 @@ class TrialConfig(Strict):
     parent_run_id: str | None = None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file (schema, then every trial it expands to)."""
+def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
+    """Read and validate a sweep file (schema, then every trial it expands to).
+
+    With check_data=False datasets are not opened (a dry run needs no S3 credentials)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -129,32 +135,35 @@ def load_sweep(path: str | Path) -> Sweep:
         sweep = Sweep.model_validate(_expand_env(raw, path, ()))
     except ValidationError as e:
         raise SpecError(_explain(path, e)) from None
-    expand(sweep, path)  # checks presets, layouts, datasets and N for every trial
+    expand(sweep, path, check_data)  # checks presets, layouts, datasets and N for every trial
     return sweep
 
 
-def expand(sweep: Sweep, path: str | Path = "<sweep>") -> list[TrialConfig]:
+def expand(sweep: Sweep, path: str | Path = "<sweep>", check_data: bool = True) -> list[TrialConfig]:
     """The grid's cartesian product as trial configs (UNets ignore the layout axis)."""
     tracking_uri = resolve_tracking_uri(sweep.tracking.uri)
     trials, seen = [], set()
     g = sweep.grid
-    for model, layout, variant, dataset, n_train, seed in itertools.product(
-            g.model, g.layout, g.variant, g.dataset, g.n_train, g.seed):
+    lrs = g.lr or [sweep.train.lr]
+    for model, layout, variant, dataset, lr, n_train, seed in itertools.product(
+            g.model, g.layout, g.variant, g.dataset, lrs, g.n_train, g.seed):
         arch, layout_name, layout_str = _resolve_model(path, model, layout, sweep.data.resolution)
-        key = (model, layout_str, variant, dataset, n_train, seed)
+        key = (model, layout_str, variant, dataset, lr, n_train, seed)
         if key in seen:  # a UNet repeated once per layout of the grid
             continue
         seen.add(key)
-        _check_dataset(path, dataset, n_train, sweep)
+        _check_dataset(path, dataset, n_train, sweep, check_data)
         if variant == "weight-sharing" and arch != "dit":
             raise SpecError(f"{path}: grid.variant: 'weight-sharing' applies to DiT presets only, "
                             f"not {model!r}")
         name_parts = [model.replace("/", "-"), layout_name, variant if variant != "standard" else "",
-                      _dataset_tag(dataset) if len(g.dataset) > 1 else "", f"N{n_train}", f"s{seed}"]
+                      _dataset_tag(dataset) if len(g.dataset) > 1 else "",
+                      f"lr{lr:g}" if len(lrs) > 1 else "", f"N{n_train}", f"s{seed}"]
         trials.append(TrialConfig(
             sweep=sweep.name, trial=f"{len(trials):03d}_" + "_".join(p for p in name_parts if p),
             model=model, arch=arch, layout_name=layout_name, layout=layout_str, variant=variant,
-            n_train=n_train, seed=seed, dataset=dataset, data=sweep.data, train=sweep.train,
+            n_train=n_train, seed=seed, dataset=dataset, data=sweep.data,
+            train=sweep.train.model_copy(update={"lr": lr}),
             eval=sweep.eval, resources=sweep.resources, tracking_uri=tracking_uri,
             experiment=sweep.tracking.experiment or sweep.name))
     return trials
@@ -182,9 +191,11 @@ def _resolve_model(path, model: str, layout, resolution: int) -> tuple[str, str,
     return "dit", name, layout_to_str(resolved)
 
 
-def _check_dataset(path, uri: str, n_train: int, sweep: Sweep) -> None:
+def _check_dataset(path, uri: str, n_train: int, sweep: Sweep, check_data: bool) -> None:
     try:
         parse_dataset_uri(uri)
+        if not check_data:
+            return
         size = dataset_size(uri, sweep.data.resolution)
     except ValueError as e:
         raise SpecError(f"{path}: grid.dataset: {e}") from None
@@ -198,17 +209,20 @@ def _dataset_tag(uri: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", uri.rstrip("/").split("/")[-1].split(":")[-1]).strip("-")
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand_env(value: Any, path, loc: tuple) -> Any:
-    """Replace ${VAR} in strings by the environment variable; an unset one is an error."""
+    """Replace ${VAR} (or ${VAR:-default}) in strings by the environment variable; an unset
+    variable without a default is an error."""
     if isinstance(value, dict):
         return {k: _expand_env(v, path, loc + (k,)) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand_env(v, path, loc + (i,)) for i, v in enumerate(value)]
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ and m.group(2) is not None:
+                return m.group(2)
             if m.group(1) not in os.environ:
                 raise SpecError(f"{path}: {_loc(loc)}: environment variable {m.group(1)} is not set "
                                 f"(value {value!r})")

@@ -5,22 +5,36 @@ LAST N images of that order and the test images are the FIRST ones, so they are 
 training as long as N + n_test <= size. The split depends only on the dataset URI, never on the
 model, so every trial of a sweep sees the same images.
 
-URIs: `builtin:photos`, `builtin:digits`, with an optional shuffle seed `builtin:photos?seed=1`.
+URIs:
+- `builtin:photos`, `builtin:digits`, with an optional shuffle seed `builtin:photos?seed=1`;
+- a packed dataset (see pack.py): a local directory `/data/celeba32` (relative paths are taken
+  from where the sweep was started), `file:///data/celeba32`, or `s3://bucket/celeba32`.
+  Its order is the manifest's (the pack seed's shuffle) and its resolution is the packed one.
 """
 
+import os
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import numpy as np
+import webdataset as wds
 
 from ditsweep.data.builtin import BUILTIN_NAMES, builtin_size, load_builtin
+from ditsweep.data.errors import DataError
+from ditsweep.data.shards import Manifest, ShardOpener, decode_image, read_manifest, shard_samples
+from ditsweep.data.store import Store, local_path
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+CACHE_ENV = "DITSWEEP_DATA_CACHE"  # default cache directory for shards read from S3
 
 
 @dataclass(frozen=True)
 class DatasetRef:
-    scheme: str  # "builtin"
-    name: str
-    seed: int = 0
+    scheme: str  # "builtin", "file" (a local directory) or "s3"
+    name: str    # built-in name, or the last component of the packed dataset's location
+    seed: int = 0  # built-in shuffle seed; a packed dataset's order was fixed when packing
+    location: str = ""  # packed datasets: absolute local directory or s3://bucket/prefix
 
 
 def parse_dataset_uri(uri: str) -> DatasetRef:
@@ -40,21 +54,86 @@ def parse_dataset_uri(uri: str) -> DatasetRef:
         except ValueError:
             raise ValueError(f"dataset {uri!r}: seed must be an integer") from None
         return DatasetRef("builtin", name, seed)
-    raise ValueError(f"unsupported dataset URI {uri!r}; use builtin:NAME")
+    match = _SCHEME.match(uri)
+    if match and match.group(1) == "s3":
+        netloc = uri[len("s3://"):].split("/", 1)[0]
+        if "@" in netloc:  # never echo it: the part before @ is a credential
+            raise DataError(f"dataset {uri!r}: credentials do not belong in a dataset URI; use the "
+                            "standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, IRSA)")
+        if not netloc or "?" in uri or "#" in uri:
+            raise ValueError(f"dataset {uri!r}: expected s3://BUCKET/PREFIX")
+        location = uri.rstrip("/")
+        return DatasetRef("s3", location.rsplit("/", 1)[-1], 0, location)
+    if match and match.group(1) != "file":
+        raise DataError(f"unsupported dataset URI {uri!r}; use builtin:NAME, a local path, "
+                         "file:///PATH or s3://BUCKET/PREFIX")
+    if not uri.strip():
+        raise ValueError("empty dataset URI")
+    path = local_path(uri)
+    return DatasetRef("file", path.name, 0, str(path))
+
+
+def packed_store(uri: str) -> Store:
+    """The Store of a packed dataset URI (local path, file:// or s3://)."""
+    ref = parse_dataset_uri(uri)
+    if ref.scheme == "builtin":
+        raise ValueError(f"dataset {uri!r} is built in, not packed")
+    return Store(ref.location)
+
+
+def open_packed(uri: str, resolution: int | None = None) -> tuple[Store, Manifest]:
+    """Store and manifest of a packed dataset; ValueError when `resolution` is not the packed one."""
+    store = packed_store(uri)
+    manifest = read_manifest(store, uri)
+    if resolution is not None and resolution != manifest.resolution:
+        raise ValueError(f"dataset {uri!r} was packed at resolution {manifest.resolution}, but "
+                         f"data.resolution is {resolution}; set data.resolution: "
+                         f"{manifest.resolution} or pack again with --resolution {resolution}")
+    return store, manifest
 
 
 def dataset_size(uri: str, resolution: int) -> int:
     """How many images the dataset holds (cheap enough to call while validating a sweep)."""
     ref = parse_dataset_uri(uri)
-    return builtin_size(ref.name, resolution)
+    if ref.scheme == "builtin":
+        return builtin_size(ref.name, resolution)
+    return open_packed(uri, resolution)[1].count
 
 
-def load_split(uri: str, resolution: int, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 arrays [n, R, R, 3]: train = last n_train, test = first n_test."""
+def load_split(uri: str, resolution: int, n_train: int, n_test: int,
+               cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) uint8 arrays [n, R, R, 3]: train = last n_train, test = first n_test.
+
+    A packed dataset is read through webdataset, and only the shards that hold those images
+    (N=10 reads one or two shards). Shards from S3 are cached in `cache_dir`, by default
+    $DITSWEEP_DATA_CACHE when set.
+    """
     ref = parse_dataset_uri(uri)
-    images = load_builtin(ref.name, resolution, ref.seed)
-    check_split(uri, len(images), n_train, n_test)
-    return images[len(images) - n_train:], images[:n_test]
+    if ref.scheme == "builtin":
+        images = load_builtin(ref.name, resolution, ref.seed)
+        check_split(uri, len(images), n_train, n_test)
+        return images[len(images) - n_train:], images[:n_test]
+
+    store, manifest = open_packed(uri, resolution)
+    check_split(uri, manifest.count, n_train, n_test)
+    first_train = manifest.count - n_train
+    shards = {s.name: s for s in manifest.shards_for(0, n_test) + manifest.shards_for(first_train, manifest.count)}
+    wanted = lambda sample: sample["index"] < n_test or sample["index"] >= first_train  # noqa: E731
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([store.url(name) for name in shards]),
+        ShardOpener(store, manifest, cache_dir or os.environ.get(CACHE_ENV)),
+        shard_samples,
+        wds.select(wanted),
+        wds.map(lambda sample: (sample["index"], decode_image(sample, resolution))),
+    )
+    train = np.empty((n_train, resolution, resolution, 3), np.uint8)
+    test = np.empty((n_test, resolution, resolution, 3), np.uint8)
+    for index, image in pipeline:
+        if index >= first_train:
+            train[index - first_train] = image
+        else:
+            test[index] = image
+    return train, test
 
 
 def check_split(uri: str, size: int, n_train: int, n_test: int) -> None:

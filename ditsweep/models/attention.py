@@ -107,7 +107,8 @@ def _untile(x: torch.Tensor, grid: tuple[int, int], nh: int, nw: int, th: int, t
     """[B, heads, nh*nw, th*tw, C] per-tile query rows -> [B, heads, H*W, C] in grid order."""
     B, heads, _, _, C = x.shape
     height, width = grid
-    x = x.view(B, heads, nh, nw, th, tw, C).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, heads, nh * th, nw * tw, C)
+    x = x.view(B, heads, nh, nw, th, tw, C).permute(0, 1, 2, 4, 3, 5, 6)
+    x = x.reshape(B, heads, nh * th, nw * tw, C)
     return x[:, :, :height, :width].reshape(B, heads, height * width, C)
 
 

@@ -11,7 +11,6 @@ def time_attention_layer(window: int | None, grid: int = 32, dim: int = 252, hea
                          repeats: int = 3) -> float:
     """Seconds for one forward+backward of one Attention layer (torch backend, CPU), the best of
     `repeats` runs after one warm-up. window=None is global attention."""
-    torch.manual_seed(0)
     layer = Attention(dim, heads, window=window, backend="torch")
     x = torch.randn(batch, grid * grid, dim, requires_grad=True)
     best = float("inf")

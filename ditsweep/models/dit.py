@@ -22,7 +22,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[B] timesteps (may be fractional) -> [B, dim] sinusoidal embedding, cosines first (GLIDE)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    freqs = torch.exp(-math.log(max_period) * exponents)
     args = t[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -74,8 +75,12 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
                 return_attention: bool = False):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, return_attention=return_attention)
-        h, attn_map = h if return_attention else (h, None)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        attn_map = None
+        if return_attention:
+            h, attn_map = self.attn(h, grid, return_attention=True)
+        else:
+            h = self.attn(h, grid)
         x = x + gate_msa.unsqueeze(1) * h
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return (x, attn_map) if return_attention else x
@@ -106,7 +111,7 @@ class DiT(nn.Module):
                  layout: list[int | None] | None = None, weight_sharing: bool = False,
                  attention_backend: str = "auto"):
         super().__init__()
-        assert input_size % patch_size == 0, f"image size {input_size} is not a multiple of patch {patch_size}"
+        assert input_size % patch_size == 0, f"image size {input_size} is not a multiple of {patch_size}"
         layout = [None] * depth if layout is None else list(layout)
         assert len(layout) == depth, f"layout has {len(layout)} entries for {depth} blocks"
         self.in_channels = in_channels
@@ -124,8 +129,7 @@ class DiT(nn.Module):
         # Fixed, not trained; a non-persistent buffer so checkpoints need not carry it.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, window=window, mlp_ratio=mlp_ratio, attention_backend=attention_backend)
-            for window in layout
+            DiTBlock(hidden_size, num_heads, window, mlp_ratio, attention_backend) for window in layout
         ])
         if weight_sharing:
             self._share_weights()
@@ -178,8 +182,8 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_attention: bool = False):
         """x: [B, C, H, W] in [-1, 1]; t: [B] timesteps 0..T-1. Returns [B, 2C, H, W], and with
         return_attention also one dense attention map [B, heads, N, N] per block."""
-        assert tuple(x.shape[-2:]) == tuple(g * self.patch_size for g in self.grid), \
-            f"input {tuple(x.shape[-2:])} does not match the model's {self.grid} grid of {self.patch_size}px patches"
+        expected = tuple(g * self.patch_size for g in self.grid)
+        assert tuple(x.shape[-2:]) == expected, f"input {tuple(x.shape[-2:])} is not the model's {expected}"
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
         c = self.t_embedder(t)                                               # [B, D]
         maps = []

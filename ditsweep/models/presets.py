@@ -1,4 +1,5 @@
-"""Model presets, attention layouts (the paper's Table 4), and the factory `build_model`."""
+"""Model presets, attention layouts (the paper's Table 4), the factory `build_model`, and the
+FLOP count used to size the UNets against the DiTs."""
 
 import re
 
@@ -21,13 +22,15 @@ PRESETS: dict[str, dict] = {
     "DiT-T/2": dict(arch="dit", hidden_size=64, depth=6, num_heads=4, patch_size=2),
     # improved-diffusion UNets, attention in the last stage and the middle. UNet-XS: the paper's
     # stages, FLOPs within 5% of DiT-XS/1 (global) at 32x32 counting the attention matmuls
-    # (29.9 vs 31.4 GFLOPs); UNet-T: within 3% of DiT-T/1 at 8x8 (45.7 vs 44.5 MFLOPs).
+    # (29.9 vs 31.4 GFLOPs per image).
     "UNet-XS": dict(arch="unet", model_channels=160, channel_mult=(1, 2, 3, 4), num_res_blocks=3, num_heads=4),
     # The UNet the paper appears to have used (~110M parameters): its FLOPs match DiT-XS/1 only
     # when the DiT's attention matmuls are not counted (19.2 vs 18.7 GFLOPs per image, the
     # paper's 303.17G vs 300.49G divided by 16), as FlopCounterMode does for SDPA on CPU.
     "UNet-XS-paper": dict(arch="unet", model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                           num_heads=4),
+    # UNet-T: three stages (8, 4, 2 px at 8x8) of 2 ResBlocks; FLOPs within 3% of DiT-T/1 at 8x8
+    # (45.7 vs 44.5 MFLOPs per image).
     "UNet-T": dict(arch="unet", model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, num_heads=4),
 }
 
@@ -89,6 +92,8 @@ def resolve_layout(layout: str | list | None, depth: int, grid: int) -> list[int
 
 
 def _parse_entry(entry, grid: int) -> int | None:
+    if isinstance(entry, str):
+        entry = entry.strip()
     if entry is None or (isinstance(entry, str) and entry.upper() == G):
         return None
     if isinstance(entry, str) and re.fullmatch(r"[+-]?\d+", entry):
@@ -150,8 +155,9 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flop,
     })
-    x = torch.zeros(1, in_channels, image_size, image_size)
-    t = torch.zeros(1, dtype=torch.long)
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_channels, image_size, image_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad(), counter:
         model(x, t)
     return counter.get_total_flops()

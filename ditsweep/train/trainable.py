@@ -51,43 +51,34 @@ def train_trial(config: dict) -> None:
         with checkpoint.as_directory() as d:
             trainer.load(Path(d))
         log.info("trial %s resumed at step %d", cfg.trial, trainer.step)
-    logged_up_to = _last_logged_step(run, "loss")
-    pending: dict[int, float] = {}
+        run.set_tags({"ditsweep.resumed_from_step": str(trainer.step)})
     last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
-        for step, value in sorted(pending.items()):
-            if step > logged_up_to:
-                run.log_metrics({"loss": value}, step)
-        pending.clear()
-        last_flush = time.monotonic()
-
     window: list[float] = []
+    metrics: dict = {}
     try:
         while trainer.step < cfg.train.steps:
             window.append(trainer.train_step())
             step = trainer.step
+            metrics = {"step": step}
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                pending[step] = sum(window) / len(window)
+                metrics["loss"] = sum(window) / len(window)
+                run.log_metrics({"loss": metrics["loss"]}, step)
                 window.clear()
             gap_every = cfg.eval.psnr_gap.every
-            metrics = {"step": step, "loss": pending.get(step, float("nan"))}
             if cfg.eval.psnr_gap.enabled and gap_every and step % gap_every == 0 and step < cfg.train.steps:
                 metrics["psnr_gap_mean"] = _evaluate(trainer, train_u8, test_u8, run, final=False).mean_gap
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                flush()
+                run.flush()
                 _report(trainer, run, metrics)
             elif time.monotonic() - last_flush > FLUSH_SECONDS:
-                flush()
+                run.flush()
+                last_flush = time.monotonic()
     except TrainingDiverged as e:
-        flush()
         run.set_tags({"ditsweep.failure": str(e)})
         run.finish("FAILED")
         raise
 
-    flush()
-    metrics = {"step": trainer.step, "loss": _last_loss(run)}
+    metrics = {"step": trainer.step, "loss": metrics.get("loss", float("nan"))}
     if cfg.eval.psnr_gap.enabled:
         metrics["psnr_gap_mean"] = _evaluate(trainer, train_u8, test_u8, run, final=True).mean_gap
     run.finish("FINISHED")
@@ -117,13 +108,3 @@ def _report(trainer: Trainer, run: TrialRun, metrics: dict) -> None:
         trainer.save(Path(d), extra={"mlflow_run_id": run.run_id})
         tune.report({**metrics, "mlflow_run_id": run.run_id},
                     checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def _last_logged_step(run: TrialRun, metric: str) -> int:
-    history = run.client.get_metric_history(run.run_id, metric)
-    return max((m.step for m in history), default=-1)
-
-
-def _last_loss(run: TrialRun) -> float:
-    history = run.client.get_metric_history(run.run_id, "loss")
-    return max(history, key=lambda m: m.step).value if history else float("nan")

@@ -1,0 +1,59 @@
+"""`ray job submit` against a Ray head started with `ray start --head` on loopback: the same
+entry point and YAML as on a laptop, with results in a real `mlflow server`."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_sweep, write_sweep
+from procs import free_port, mlflow_server, stop
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def test_ray_job_submit_runs_the_sweep(tmp_path):
+    mlflow_port, dashboard_port, gcs_port = free_port(), free_port(), free_port()
+    server = mlflow_server(tmp_path / "mlflow.db", tmp_path / "artifacts", mlflow_port)
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    sweep = tiny_sweep(name="submitted")
+    sweep["grid"]["layout"] = ["global", "local"]
+    write_sweep(job_dir, sweep, "sweep.yaml")
+    # The head inherits this environment: the tracking URI comes from MLFLOW_TRACKING_URI.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": str(tmp_path / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", str(tmp_path / "ray")],
+        env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert head.returncode == 0, head.stdout + head.stderr
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+             "--working-dir", str(job_dir), "--", "python", "-m", "ditsweep.run", "sweep.yaml"],
+            env=env, capture_output=True, text=True, timeout=600)
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0, out[-4000:]
+        assert "SUCCEEDED" in out and "2/2 trials finished" in out
+        listing = subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard_port}"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in listing.stdout
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("submitted")
+        runs = client.search_runs([exp.experiment_id])
+        trials = [r for r in runs if r.data.tags.get("ditsweep.role") == "trial"]
+        assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+        assert all("psnr_gap_mean" in r.data.metrics for r in trials)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop(server)
+        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
