@@ -1,14 +1,12 @@
-# syntax=docker/dockerfile:1
-#
-# MLflow tracking server for ditsweep's cluster (cluster/mlflow.yaml runs it), built from the
+# MLflow tracking server for ditsweep's cluster (cluster/base/mlflow.yaml runs it), built from the
 # repository root:
 #
 #   docker build -f docker/mlflow.Dockerfile -t REGISTRY/ditsweep-mlflow:3.17.2 .
 #
 # PostgreSQL backend store (psycopg2) and S3 artifacts (boto3, for --artifacts-destination
-# s3://...). The server takes its stores from the environment (MLFLOW_BACKEND_STORE_URI,
-# MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_SERVER_ALLOWED_HOSTS, AWS_*), which Kubernetes fills from
-# a Secret and a ConfigMap: nothing secret is in the image.
+# s3://...). Stores, allowed hosts and S3 keys come at run time from the Deployment's
+# environment, which Kubernetes fills from a Secret and a ConfigMap: nothing secret is in the
+# image.
 
 ARG PYTHON_VERSION=3.12
 FROM python:${PYTHON_VERSION}-slim-trixie
@@ -30,5 +28,5 @@ RUN useradd --create-home --uid 1000 --user-group mlflow
 USER mlflow
 WORKDIR /home/mlflow
 EXPOSE 5000
-# cluster/mlflow.yaml passes the same command with its options.
+# cluster/base/mlflow.yaml passes the same command with its options.
 CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]

@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # The Ray images of ditsweep, built from the repository root (see cluster/README.md):
 #
 #   docker build -f docker/ray.Dockerfile --build-arg FLAVOR=gpu -t REGISTRY/ditsweep-ray:0.1.0-gpu .
@@ -30,7 +28,6 @@ ARG TORCH_CUDA=cu130
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG NATTEN_VERSION=0.21.7
-ARG RAY_VERSION=2.60.0
 # NATTEN publishes wheels per torch minor and CUDA pair (natten==V+torch2130cu130 for torch 2.13
 # and CUDA 13.0) at this index. When it has none for the installed torch, libnatten is compiled
 # from the source distribution for these GPU architectures (compute capabilities; add 10.0 for
@@ -63,7 +60,6 @@ ARG NATTEN_VERSION
 ARG NATTEN_WHEEL_INDEX
 ARG NATTEN_CUDA_ARCH
 ARG NATTEN_N_WORKERS
-ARG RAY_VERSION
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -89,12 +85,12 @@ RUN bash /tmp/install-natten.sh /tmp/natten \
  && rm -rf /tmp/natten
 
 # Then the rest of pyproject.toml's [project].dependencies, read from the file itself so the
-# image cannot drift from it, and ray[default] (same version as pyproject's ray[tune]) for the
-# dashboard, the job server and the autoscaler that KubeRay runs on the head.
+# image cannot drift from it (ray[default,tune]: "default" brings the dashboard and job server
+# that KubeRay's head, job submitter and autoscaler use).
 COPY docker/pyproject_deps.py /opt/ditsweep/pyproject_deps.py
 COPY pyproject.toml /opt/ditsweep/pyproject.toml
 RUN python /opt/ditsweep/pyproject_deps.py requirements /opt/ditsweep/pyproject.toml > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt "ray[default]==${RAY_VERSION}" \
+ && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 
