@@ -112,7 +112,8 @@ def load_sweep(client: MlflowClient, experiment: str, parent_run_id: str | None 
     exp = retrying(lambda: client.get_experiment_by_name(experiment), "get experiment")
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r}")
-    parent = client.get_run(parent_run_id) if parent_run_id else _newest_sweep_run(client, exp)
+    parent = (retrying(lambda: client.get_run(parent_run_id), "get sweep run") if parent_run_id
+              else _newest_sweep_run(client, exp))
     planned = _planned_trials(client, parent.info.run_id)
     # Deleted runs too, so that a deleted trial says so instead of looking as if it never ran.
     children = _search(client, exp.experiment_id,
@@ -391,7 +392,7 @@ def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
         ax.set_xlim(-0.5, len(ns) - 0.5)  # keep the reason labels of missing bars inside
         ax.set_title(f"{model}{'' if variant == 'standard' else f' [{variant}]'} — {dataset}", fontsize=9)
         ax.set_ylabel("mean PSNR gap (dB)")
-        if any(True for _ in ax.get_legend_handles_labels()[0]):
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{spec.title}\nPSNR gap ↓, mean ± std over seeds", fontsize=10)
     fig.tight_layout()
@@ -400,7 +401,8 @@ def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
 
 
 def _short_reason(note: str) -> str:
-    """"2x failed: training diverged ..." -> "failed" (the full reason is in the table)."""
+    """The first word of a cell's note for a figure, e.g. 'failed' for '2x failed: training
+    diverged ...' (the full reason is in the table)."""
     first = re.sub(r"^\d+x ", "", note.split(";")[0])
     return re.split(r"[:(]", first)[0].strip()[:24] or "no data"
 

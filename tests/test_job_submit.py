@@ -2,9 +2,12 @@
 entry point and YAML as on a laptop, with results in a real `mlflow server`."""
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,22 +30,34 @@ def test_ray_job_submit_runs_the_sweep(tmp_path):
     sweep["grid"]["layout"] = ["global", "local"]
     write_sweep(job_dir, sweep, "sweep.yaml")
     # The head inherits this environment: the tracking URI comes from MLFLOW_TRACKING_URI.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": str(tmp_path / "ray")}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # Unix socket paths must be short
+    # Ray 2.59+ protects local clusters with a token: head and client share one here.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": str(ray_tmp),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.run(
         [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", str(tmp_path / "ray")],
+         "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", str(ray_tmp),
+         # explicit free ports: the defaults collide with any other Ray on the machine
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
+         str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+         "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     try:
         assert head.returncode == 0, head.stdout + head.stderr
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
-             "--working-dir", str(job_dir), "--", "python", "-m", "ditsweep.run", "sweep.yaml"],
-            env=env, capture_output=True, text=True, timeout=600)
-        out = submit.stdout + submit.stderr
+        for _ in range(30):  # the head's job agent needs a moment after `ray start`
+            submit = subprocess.run(
+                [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+                 "--working-dir", str(job_dir), "--", "python", "-m", "ditsweep.run", "sweep.yaml"],
+                env=env, capture_output=True, text=True, timeout=600)
+            out = submit.stdout + submit.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, out[-4000:]
-        assert "SUCCEEDED" in out and "2/2 trials finished" in out
+        assert "succeeded" in out and "2/2 trials finished" in out, out[-3000:]
         listing = subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard_port}"],
                                  env=env, capture_output=True, text=True, timeout=60)
         assert "SUCCEEDED" in listing.stdout
@@ -56,4 +71,4 @@ def test_ray_job_submit_runs_the_sweep(tmp_path):
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         stop(server)
-        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,418 @@
+"""The report (the paper's tables and figures from MLflow) and the tags that make runs searchable.
+
+Fast tests log runs by hand into a SQLite store, to pin down exact cases (a failed trial, one that
+never ran, the paper's numbers). The slow tests run a real tiny sweep (`python -m ditsweep.run`,
+2 layouts x 2 seeds) against a live `mlflow server` on loopback, build the report from its runs
+and search them through the REST API. tests/test_mlflow_ui.py reuses that server and sweep.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.request import Request, urlopen
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, tiny_sweep, write_sweep
+from ditsweep.report import main as report_main
+from ditsweep.report import write_report
+from ditsweep.tracking.tags import configuration, layout_family, trial_tags, window_config
+
+SWEEP = "report-tiny"
+LAYOUTS = {"global": "G,G,G,G,G,G", "local": "3,5,7,G,G,G"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags
+
+
+def test_tags_of_every_preset_layout_name_it():
+    from ditsweep.models.presets import LAYOUTS as PRESET_LAYOUTS
+
+    for depth, layouts in PRESET_LAYOUTS.items():
+        for name, entries in layouts.items():
+            layout = ",".join(str(e) for e in entries)
+            windows, _, placement = name.partition("-")
+            if placement not in ("mix", "tail"):  # local, local9, local-smaller, uniform5, ...
+                windows, placement = name, "head"
+            if name == "global":
+                windows, placement = "none", "global"
+            assert layout_family(layout) == placement, (depth, name)
+            assert window_config(layout) == windows, (depth, name)
+            assert configuration(layout) == name, (depth, name)
+
+
+def test_trial_tags_answer_the_questions_people_filter_by():
+    tags = trial_tags("DiT-XS/1", "dit", "G,G,G,G,G,G,3,5,7,9,11,13", "local-tail", 10000,
+                      "s3://bucket/celeba32/?seed=2", "standard")
+    assert tags == {"ditsweep.dataset": "celeba32", "ditsweep.n_train": "10000",
+                    "ditsweep.layout_family": "tail", "ditsweep.window_config": "local",
+                    "ditsweep.layout": "local-tail: G*6,3,5,7,9,11,13", "ditsweep.model": "DiT-XS/1",
+                    "ditsweep.variant": "standard"}
+    # A hand-written layout equal to a preset gets the preset's tags.
+    mix = trial_tags("DiT-XS/1", "dit", "3,3,3,G,5,5,5,G,7,7,7,G", "custom", 1000, "builtin:photos",
+                     "weight-sharing")
+    assert mix["ditsweep.layout_family"] == "mix" and mix["ditsweep.window_config"] == "local9"
+    assert mix["ditsweep.layout"] == "local9-mix: 3*3,G,5*3,G,7*3,G [weight-sharing]"
+    custom = trial_tags("DiT-T/1", "dit", "7,G,G,G,G,3", "custom", 10, "builtin:photos", "standard")
+    assert custom["ditsweep.layout_family"] == "mix" and custom["ditsweep.window_config"] == "3,7"
+    assert custom["ditsweep.layout"] == "custom: 7,G*4,3"
+    unet = trial_tags("UNet-T", "unet", "-", "unet", 10, "builtin:digits", "standard")
+    assert unet["ditsweep.layout_family"] == "unet" and unet["ditsweep.layout"] == "unet"
+
+
+# ---------------------------------------------------------------------------------------------
+# The report from hand-logged runs: exact failure cases and the paper's numbers
+
+XS_LAYOUTS = {"global": ",".join(["G"] * 12), "local": "3,5,7,9,11,13" + ",G" * 6,
+              "local-tail": "G," * 6 + "3,5,7,9,11,13", "local-smaller": "3,5,7,9,11,13,15,17,19,G,G,G"}
+
+
+def _log_sweep(uri: str, name: str, trials: list[dict]) -> str:
+    """A parent run with trials.json and child runs as ditsweep.run makes them."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment(name)
+    parent = client.create_run(exp, run_name=name, tags={"ditsweep.sweep": name,
+                                                         "ditsweep.role": "sweep"}).info.run_id
+    fields = ("trial", "model", "arch", "layout_name", "layout", "variant", "n_train", "seed", "dataset")
+    client.log_dict(parent, [{k: t[k] for k in fields} for t in trials], "trials.json")
+    for t in trials:
+        if t["status"] is None:  # planned, never started
+            continue
+        tags = {"ditsweep.trial": t["trial"], "ditsweep.role": "trial", "mlflow.parentRunId": parent,
+                **trial_tags(*(t[k] for k in ("model", "arch", "layout", "layout_name", "n_train",
+                                              "dataset", "variant")))}
+        if t.get("failure"):
+            tags["ditsweep.failure"] = t["failure"]
+        run = client.create_run(exp, run_name=t["trial"], tags=tags).info.run_id
+        for key in fields[1:]:
+            client.log_param(run, key, t[key])
+        client.log_batch(run, metrics=[Metric(k, v, 0, 100) for k, v in t["metrics"].items()])
+        client.set_terminated(run, t["status"])
+    client.set_terminated(parent)
+    return parent
+
+
+def _xs_trials() -> list[dict]:
+    """DiT-XS/1 on CelebA at the paper's N, 2 seeds; local-tail at N=1e5 has a failed seed and
+    local-smaller at N=1e5 never ran."""
+    fid = {"global": 10.0, "local": 8.0, "local-tail": 18.0, "local-smaller": 7.5}
+    trials = []
+    for config, layout in XS_LAYOUTS.items():
+        for n in (10000, 100000):
+            for seed in (0, 1):
+                t = dict(trial=f"{len(trials):03d}_{config}_N{n}_s{seed}", model="DiT-XS/1", arch="dit",
+                         layout_name=config, layout=layout, variant="standard", n_train=n, seed=seed,
+                         dataset="s3://bucket/celeba32", status="FINISHED",
+                         metrics={"fid": fid[config] / (1 if n == 10000 else 4) + seed / 10,
+                                  "psnr_gap_mean": 1.0 + seed + (config == "global")})
+                if config == "local-tail" and n == 100000 and seed == 1:
+                    t.update(status="FAILED", failure="training diverged: loss is nan at step 17",
+                             metrics={"fid": 99.0})  # a failed trial's partial value must not count
+                if config == "local-smaller" and n == 100000:
+                    t["status"] = None
+                trials.append(t)
+    return trials
+
+
+def test_report_cells_say_why_they_are_missing_and_sit_beside_the_paper(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = _log_sweep(uri, "xs", _xs_trials())
+    out = tmp_path / "report"
+    assert report_main(["xs", "--tracking-uri", uri, "--out", str(out), "--reference", "paper"]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "REPORT.md").read_text()
+
+    fid = pd.read_csv(out / "table2.csv").query("metric == 'fid'")
+    tail = fid[(fid.configuration == "local-tail") & (fid.row == "value")].set_index("n_train")
+    assert tail.loc[10000, "mean"] == pytest.approx(18.05) and tail.loc[10000, "n"] == 2
+    assert tail.loc[100000, "n"] == 1 and tail.loc[100000, "mean"] == pytest.approx(4.5)
+    assert tail.loc[100000, "display"] == \
+        "4.5000 (n=1/2; failed: training diverged: loss is nan at step 17)"
+    assert "**8.0500 ± 0.0707**" in md  # Table 2 marks the lowest FID per column, like the paper
+
+    t3 = pd.read_csv(out / "table3.csv").query("metric == 'fid'")
+    never = t3[(t3.configuration == "local-smaller") & (t3.n_train == 100000) & (t3.row == "value")]
+    assert never.n.iloc[0] == 0 and math.isnan(never["mean"].iloc[0])
+    assert never.display.iloc[0] == "2x not run (no MLflow run: the trial never started)"
+    pct = t3[(t3.row == "pct_change") & (t3.n_train == 100000)].display.iloc[0]
+    assert pct.startswith("n/a (local-smaller: 2x not run")
+
+    t1 = pd.read_csv(out / "table1.csv")
+    pct = t1[(t1.metric == "fid") & (t1.row == "pct_change")].set_index("n_train")["mean"]
+    assert pct[10000] == pytest.approx((8.05 - 10.05) / 10.05 * 100)
+    assert "| DiT-XS/1 | % change local vs global | -19.90% | -19.61% |" in md
+
+    # --reference paper: the paper's value beside each cell, and whether the direction agrees.
+    cmp = pd.read_csv(out / "paper_comparison.csv")
+    compared = cmp[cmp.baseline.notna()].set_index(["configuration", "n_train"])  # not baselines
+    assert compared.loc[("local", 10000), "paper_fid"] == 8.4580
+    assert compared.loc[("local", 10000), "paper_dataset"] == "CelebA"
+    assert compared.loc[("local", 10000), "table"] == "table1, table2"
+    assert compared.loc[("local", 10000), "direction"] == \
+        "agrees (sweep lower, paper lower than global)"
+    assert compared.loc[("local-tail", 100000), "direction"] == \
+        "disagrees (sweep higher, paper lower than global)"
+    assert compared.loc[("local-smaller", 100000), "direction"].startswith(
+        "n/a (this sweep: 2x not run")
+    assert set(cmp[cmp.baseline.isna()].direction) == {"baseline"}
+    assert "This sweep beside the paper" in printed and "8.4580" in printed
+    assert "| 000_global_N10000_s0 |" not in md and "| 011_local-tail_N100000_s1 | failed |" in md
+
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert {"report/REPORT.md", "report/table1.csv", "report/table1_psnr_gap.png"} <= artifacts
+
+
+def test_report_of_a_sweep_without_paper_cells_says_which_tables_are_empty(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = [dict(trial=f"00{s}_global_s{s}", model="DiT-T/1", arch="dit", layout_name="global",
+                   layout=LAYOUTS["global"], variant="standard", n_train=10, seed=s,
+                   dataset="builtin:photos", status="FINISHED", metrics={"psnr_gap_mean": 2.0 + s})
+              for s in (0, 1)]
+    _log_sweep(uri, "only-global", trials)
+    md = write_report("only-global", uri, str(tmp_path / "out"), reference="paper",
+                      log_artifacts=False).read_text()
+    for title in ("Table 1", "Table 2", "Table 3"):
+        assert f"{title}:" in md
+    assert md.count("No data: this sweep has none of this table's layouts") == 3
+    assert "No cell of this sweep has a counterpart in the paper" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sweep on a live MLflow server (shared with tests/test_mlflow_ui.py)
+
+_SHARED: dict = {}  # one server and one sweep per session, even when both test files ask
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` as a child process on a free loopback port, SQLite backend."""
+
+    def __init__(self, root: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        mlflow_cli = Path(PYTHON).parent / "mlflow"
+        # Own process group: stop() ends the server and the workers it spawned, nothing else.
+        self.process = subprocess.Popen(
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=root, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            # MLflow's GenAI background jobs (scorers, trace archival) only cost CPU here.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        self._wait_healthy(timeout=120)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=5)  # a test server need not shut down gracefully
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _shared(key: str, make):
+    """Make a session-wide object once. pytest keeps a fixture imported into a second test file
+    as a second fixture, so the cache lives here; a failure is kept too, so that a failed sweep
+    is not run again for the other file."""
+    if key not in _SHARED:
+        try:
+            _SHARED[key] = make()
+        except Exception as e:
+            _SHARED[key] = e
+            raise
+    if isinstance(_SHARED[key], Exception):
+        pytest.fail(f"shared {key} failed earlier in this session: {_SHARED[key]}"[:3000])
+    return _SHARED[key]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = _shared("server", lambda: MlflowServer(tmp_path_factory.mktemp("mlflow-server")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_sweep(mlflow_server, tmp_path_factory):
+    """A tiny real sweep (DiT-T/1, global and local, 2 seeds, N=10) logged to the server."""
+    return _shared("sweep", lambda: _run_sweep(mlflow_server.url, tmp_path_factory.mktemp("sweep")))
+
+
+def _run_sweep(url: str, workdir: Path) -> SimpleNamespace:
+    sweep = tiny_sweep(name=SWEEP, tracking={"uri": url})
+    sweep["grid"].update(layout=list(LAYOUTS), seed=[0, 1])
+    path = write_sweep(workdir, sweep)
+    proc = subprocess.run([PYTHON, "-m", "ditsweep.run", str(path)], cwd=workdir,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(SWEEP)
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("ditsweep.role") == "sweep")
+    # Taken before any test writes a report itself: what the run command left on its parent run.
+    after_run = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    return SimpleNamespace(url=url, experiment=SWEEP, experiment_id=exp.experiment_id,
+                           parent_run_id=parent.info.run_id, stdout=proc.stdout,
+                           trials={r.info.run_name: r for r in runs if r is not parent},
+                           report_after_run=after_run)
+
+
+def _runs_of(sweep, layout: str) -> list:
+    return sorted((r for r in sweep.trials.values() if r.data.params["layout"] == layout),
+                  key=lambda r: int(r.data.params["seed"]))
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep_matches_its_runs(served_sweep, tmp_path):
+    path = write_report(SWEEP, served_sweep.url, str(tmp_path / "report"))
+    out = path.parent
+    assert path.name == "REPORT.md"
+    files = {p.name for p in out.iterdir()}
+    assert {"REPORT.md", "runs.csv", "table1.csv", "table1_psnr_gap.png", "psnr_curves.csv",
+            "psnr_curves_photos.png"} <= files
+    assert not {"table2.csv", "table3.csv"} & files  # this sweep has no placement/window rows
+    md = path.read_text()
+    assert "Trials: 4 planned; 4 finished." in md
+    assert md.count("No data: this sweep has none of this table's layouts") == 2
+
+    table = pd.read_csv(out / "table1.csv")
+    assert list(table.columns) == ["table", "metric", "model", "variant", "configuration", "label",
+                                   "row", "dataset", "n_train", "mean", "std", "n", "n_planned",
+                                   "note", "display"]
+    assert set(table.metric) == {"fid", "psnr_gap_mean"}
+    for metric in ("psnr_gap_mean", "fid"):
+        rows = table[table.metric == metric]
+        assert list(zip(rows.configuration, rows.row)) == [("global", "value"), ("local", "value"),
+                                                           ("local", "pct_change")]
+        assert set(zip(rows.model, rows.dataset, rows.n_train)) == {("DiT-T/1", "photos", 10)}
+        logged = {c: [r.data.metrics.get(metric) for r in _runs_of(served_sweep, LAYOUTS[c])]
+                  for c in LAYOUTS}
+        if None in logged["global"] + logged["local"]:  # FID evaluation not in this build/sweep
+            assert metric == "fid" and "No finished trial of this sweep logged `fid`" in md
+            continue
+        values = rows[rows.row == "value"].set_index("configuration")
+        for config, numbers in logged.items():
+            assert values.loc[config, "mean"] == pytest.approx(statistics.mean(numbers), abs=1e-12)
+            assert values.loc[config, "std"] == pytest.approx(statistics.stdev(numbers), abs=1e-12)
+            assert (values.loc[config, "n"], values.loc[config, "n_planned"]) == (2, 2)
+            assert values.loc[config, "display"] in md
+        base, local = statistics.mean(logged["global"]), statistics.mean(logged["local"])
+        pct = rows[rows.row == "pct_change"].iloc[0]
+        if base:
+            assert pct["mean"] == pytest.approx((local - base) / base * 100)
+        else:
+            assert pct["display"] == "n/a (global is 0)"
+
+    # Fig. 2 curves: mean over the seeds at every timestep.
+    curves = pd.read_csv(out / "psnr_curves.csv")
+    client = MlflowClient(served_sweep.url)
+    runs = _runs_of(served_sweep, LAYOUTS["local"])
+    histories = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, "psnr_test_t")}
+                 for r in runs]
+    mine = curves[(curves.config == "local") & (curves.curve == "psnr_test_t")].set_index("t")
+    assert sorted(mine.index) == sorted(histories[0])
+    for t in histories[0]:
+        assert mine.loc[t, "mean"] == pytest.approx(statistics.mean(h[t] for h in histories))
+        assert mine.loc[t, "n"] == 2
+
+    logged = {a.path for a in client.list_artifacts(served_sweep.parent_run_id, "report")}
+    assert {"report/REPORT.md", "report/table1.csv", "report/psnr_curves_photos.png"} <= logged
+
+
+@pytest.mark.slow
+def test_run_command_writes_the_report_when_the_sweep_ends(served_sweep):
+    assert "report/REPORT.md" in served_sweep.report_after_run, (
+        "`python -m ditsweep.run` did not log report/REPORT.md on the sweep's parent run")
+
+
+@pytest.mark.slow
+def test_failed_and_deleted_trials_show_their_reason_not_a_number(served_sweep, tmp_path):
+    client = MlflowClient(served_sweep.url)
+    local0, local1 = (r.info.run_id for r in _runs_of(served_sweep, LAYOUTS["local"]))
+    global0, global1 = _runs_of(served_sweep, LAYOUTS["global"])
+    reason = "training diverged: loss is nan at step 4 (set by the test)"
+    try:
+        client.set_tag(local0, "ditsweep.failure", reason)
+        client.set_terminated(local0, "FAILED")
+        client.delete_run(local1)
+        client.delete_run(global1.info.run_id)
+        out = write_report(SWEEP, served_sweep.url, str(tmp_path / "report"),
+                           log_artifacts=False).parent
+    finally:  # the other tests (and the UI test) see the sweep as it was
+        client.restore_run(local1)
+        client.restore_run(global1.info.run_id)
+        client.set_terminated(local0, "FINISHED")
+        client.delete_tag(local0, "ditsweep.failure")
+
+    table = pd.read_csv(out / "table1.csv").query("metric == 'psnr_gap_mean'")
+    local = table[(table.configuration == "local") & (table.row == "value")].iloc[0]
+    assert local.n == 0 and math.isnan(local["mean"])
+    assert local.display == f"failed: {reason}; deleted: its MLflow run was deleted"
+    only = global0.data.metrics["psnr_gap_mean"]
+    glob = table[(table.configuration == "global") & (table.row == "value")].iloc[0]
+    assert glob.n == 1 and glob["mean"] == pytest.approx(only)
+    assert glob.display == f"{only:.3f} (n=1/2; deleted: its MLflow run was deleted)"
+    assert table[table.row == "pct_change"].display.iloc[0].startswith("n/a (local: failed: ")
+    md = (out / "REPORT.md").read_text()
+    assert f"| DiT-T/1 | w/ Local | failed: {reason}; deleted: its MLflow run was deleted |" in md
+    assert "Trials: 4 planned; 1 finished, 1 failed, 2 deleted." in md
+
+
+def _search(url: str, experiment_id: str, query: str) -> list[str]:
+    """POST /api/2.0/mlflow/runs/search; the names of the matching runs."""
+    body = json.dumps({"experiment_ids": [experiment_id], "filter": query, "max_results": 100})
+    request = Request(f"{url}/api/2.0/mlflow/runs/search", data=body.encode(), method="POST",
+                      headers={"Content-Type": "application/json"})
+    with urlopen(request, timeout=30) as response:
+        runs = json.load(response).get("runs", [])  # no "runs" key when nothing matches
+    return sorted(r["info"]["run_name"] for r in runs)
+
+
+@pytest.mark.slow
+def test_rest_search_filters_the_sweeps_runs_by_tag(served_sweep):
+    url, exp = served_sweep.url, served_sweep.experiment_id
+    names = {c: sorted(r.info.run_name for r in _runs_of(served_sweep, LAYOUTS[c])) for c in LAYOUTS}
+    trials = sorted(names["global"] + names["local"])
+    assert _search(url, exp, "tags.`ditsweep.layout_family` = 'head'") == names["local"]
+    assert _search(url, exp, "tags.`ditsweep.layout_family` = 'global' and "
+                             "tags.`ditsweep.n_train` = '10'") == names["global"]
+    assert _search(url, exp, "tags.`ditsweep.dataset` = 'photos'") == trials
+    assert _search(url, exp, "tags.`ditsweep.window_config` = 'local'") == names["local"]
+    assert _search(url, exp, "tags.`ditsweep.layout` = 'local: 3,5,7,G*3'") == names["local"]
+    assert _search(url, exp, "tags.`ditsweep.layout_family` = 'tail'") == []
+    assert _search(url, exp, "tags.`ditsweep.n_train` = '1000'") == []
+    assert _search(url, exp, "params.layout_name = 'local' and tags.`ditsweep.model` = 'DiT-T/1'") \
+        == names["local"]
