@@ -19,10 +19,8 @@ def error_for(tmp_path, sweep: dict) -> str:
 
 
 def test_shipped_sweeps_are_valid():
-    for path in sorted((REPO / "sweeps").glob("*.yaml")):
-        if "placement" in path.name or "window" in path.name or "vs" in path.name or "param" in path.name:
-            continue  # paper sweeps name s3:// data by ${DITSWEEP_DATA_ROOT}: see test_paper_sweeps
-        sweep = load_sweep(path)
+    for path in [REPO / "sweeps/smoke.yaml", REPO / "sweeps/cpu_repro.yaml"]:  # paper sweeps:
+        sweep = load_sweep(path)                                               # test_paper_sweeps
         assert expand(sweep, path), path
 
 
