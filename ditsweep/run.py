@@ -74,7 +74,13 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False) -> 
                     "datasets": ",".join(sweep.grid.dataset), "train.steps": sweep.train.steps}
     if not ray.is_initialized():
         # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise Ray starts locally.
-        ray.init(include_dashboard=None if os.environ.get("RAY_ADDRESS") else False)
+        # Tune copies AWS_* variables into each trial's runtime env, which Ray logs in full:
+        # hand them to boto3 through a private credentials file instead.
+        from ditsweep.data.credentials import move_env_credentials_to_file
+        move_env_credentials_to_file()
+        # "local": never join a cluster some other process left running on this machine.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=None if address != "local" else False)
 
     trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpus_per_trial,
                                                   "gpu": sweep.resources.gpus_per_trial})
@@ -101,16 +107,33 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False) -> 
                                           max_failures=sweep.resources.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(
                                           num_to_keep=sweep.train.checkpoints_to_keep)))
-    grid = tuner.fit()
+    from ditsweep.eval.actors import start_pool, stop_pool
+    pool = start_pool(sweep)  # before Tune places trials, so Ray holds the evaluators' resources
+    try:
+        grid = tuner.fit()
+    finally:
+        stop_pool(pool)
     results = {}
     for result in grid:
-        name = result.config[TRIAL_KEY]["trial"]
+        name = result.path.rstrip("/").rsplit("/", 1)[-1]  # trial dirs are named after trials
         status = "ERROR: " + _first_line(result.error) if result.error else "done"
         results[name] = {**(result.metrics or {}), "status": status}
     if parent_run_id:
         end_run(first.tracking_uri, parent_run_id,
                 "FINISHED" if all(r["status"] == "done" for r in results.values()) else "FAILED")
+        write_sweep_report(first, parent_run_id)
     return results
+
+
+def write_sweep_report(first: TrialConfig, parent_run_id: str) -> None:
+    """The paper's tables for this sweep, in ./reports/EXPERIMENT and on the parent run."""
+    from ditsweep.report import write_report
+    try:
+        path = write_report(first.experiment, first.tracking_uri,
+                            str(Path("reports") / first.experiment), parent_run_id=parent_run_id)
+        print(f"report: {path}")
+    except Exception as e:  # a report problem must not fail a sweep whose trials finished
+        print(f"warning: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _first_line(error: BaseException) -> str:

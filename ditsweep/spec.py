@@ -39,6 +39,12 @@ class Grid(Strict):
 
 class DataSettings(Strict):
     resolution: int = Field(32, gt=0)
+    # Stream the training shards through a shuffle buffer instead of holding the training set
+    # in memory: for sets larger than RAM. A resumed trial then sees other batches than it
+    # would have (the in-memory default resumes exactly).
+    stream: bool = False
+    shuffle_buffer: int = Field(1000, gt=0)
+    loader_workers: int = Field(0, ge=0)
 
 
 class TrainSettings(Strict):
@@ -62,9 +68,89 @@ class PsnrGapSettings(Strict):
     batch_size: int = Field(256, gt=0)
 
 
+class FidSettings(Strict):
+    """FID (torch-fidelity) of samples from the EMA weights vs min(N, reference_images) training
+    images. Off by default: it needs a local InceptionV3 weights file and is slow on a CPU."""
+    enabled: bool = False
+    num_samples: int = Field(50000, gt=1)          # generated images
+    sampling_steps: int = Field(250, gt=0)         # respaced sampler steps (paper: 250)
+    reference_images: int = Field(50000, gt=1)     # the trial uses min(N, this) training images
+    batch_size: int = Field(256, gt=0)             # for sampling and for the Inception network
+    every: int = Field(0, ge=0)                    # also every this many steps (0: at the end only)
+    # Local path or file:// URI of torch-fidelity's weights-inception-2015-12-05-6726825d.pth;
+    # default $DITSWEEP_INCEPTION_WEIGHTS (set by the Docker images). Never downloaded.
+    feature_extractor_weights_path: str | None = Field(None, validate_default=True)
+
+    @field_validator("feature_extractor_weights_path")
+    @classmethod
+    def _weights_file(cls, value: str | None, info) -> str | None:
+        from ditsweep.eval.fid import INCEPTION_ENV, check_weights_path
+        value = value or os.environ.get(INCEPTION_ENV) or None
+        if info.data.get("enabled"):
+            check_weights_path(value)  # ValueError naming eval.fid.feature_extractor_weights_path
+        return value
+
+
+class AttentionSettings(Strict):
+    """Attention maps and locality of every DiT block (UNets are skipped)."""
+    enabled: bool = True
+    num_images: int = Field(8, gt=0)                # noisy training images per timestep
+    timesteps: list[int] = Field([100, 500, 900], min_length=1)  # original diffusion timesteps
+    every: int = Field(0, ge=0)
+
+    @field_validator("timesteps")
+    @classmethod
+    def _in_range(cls, value: list[int]) -> list[int]:
+        return _check_timesteps(value)
+
+
+class JacobianSettings(Strict):
+    """Eigenvectors of the denoiser's Jacobian (Fig. 3); 8x8 and 16x16 images only."""
+    enabled: bool = False
+    timesteps: list[int] = Field([100], min_length=1)
+    num_eigenvalues: int = Field(64, gt=0)          # logged as the series jacobian_eigenvalue_t{t}
+    num_eigenvectors: int = Field(16, gt=0)         # shown in the image grid
+    every: int = Field(0, ge=0)
+
+    @field_validator("timesteps")
+    @classmethod
+    def _in_range(cls, value: list[int]) -> list[int]:
+        return _check_timesteps(value)
+
+
+def _check_timesteps(value: list[int]) -> list[int]:
+    bad = [t for t in value if not 0 <= t < 1000]
+    if bad:
+        raise ValueError(f"timesteps must lie in 0..999 (the training diffusion's steps), not {bad}")
+    return value
+
+
+class SampleSettings(Strict):
+    """A grid of generated samples per evaluation."""
+    enabled: bool = True
+    num_images: int = Field(16, gt=0)
+    sampling_steps: int = Field(250, gt=0)
+    every: int = Field(0, ge=0)
+
+
+class EvalActorSettings(Strict):
+    """The pool of evaluation actors. `cpus: 0` reserves nothing, so on a laptop the actors share
+    the trials' cores and can never keep a trial from being scheduled; on a cluster reserve real
+    CPUs or a GPU fraction so Tune fits the trials into what is left."""
+    count: int = Field(2, gt=0)
+    cpus: float = Field(0, ge=0)
+    gpus: float = Field(0, ge=0)
+    max_retries: int = Field(2, ge=0)               # re-runs of a job whose actor died
+
+
 class EvalSettings(Strict):
     use_ema: bool = True
     psnr_gap: PsnrGapSettings = PsnrGapSettings()
+    fid: FidSettings = Field(default_factory=FidSettings)
+    attention: AttentionSettings = AttentionSettings()
+    jacobian: JacobianSettings = JacobianSettings()
+    samples: SampleSettings = SampleSettings()
+    actors: EvalActorSettings = EvalActorSettings()
 
 
 class Resources(Strict):

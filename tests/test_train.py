@@ -70,3 +70,28 @@ def test_bf16_autocast_on_cpu_trains():
     t = Trainer(trial(train__precision="bf16"), images())
     losses = [t.train_step() for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_streamed_batches_train_from_packed_shards(tmp_path):
+    """data.stream: batches come from the WebDataset stream of a packed dataset, only from the
+    training part (the last N images of the manifest order)."""
+    import numpy as np
+
+    from ditsweep.data import load_split
+    from ditsweep.data.pack import pack
+    from ditsweep.data.stream import stream_train_batches
+
+    pack("builtin:photos", str(tmp_path / "packed"), resolution=8, shard_size=500, seed=0)
+    uri = str(tmp_path / "packed")
+    cfg = trial(data__stream=True)
+    cfg = cfg.model_copy(update={"dataset": uri})
+    trainer = Trainer(cfg, None)
+    trainer.batches = stream_train_batches(uri, 10, cfg.train.batch_size, seed=0, shuffle_buffer=20,
+                                           resolution=8)
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and trainer.step == 3
+    train_u8, _ = load_split(uri, 8, 10, 0)
+    allowed = {img.tobytes() for img in to_model_range(train_u8).numpy()}
+    batch = next(trainer.batches)
+    assert batch.shape == (cfg.train.batch_size, 3, 8, 8)
+    assert all(x.numpy().tobytes() in allowed for x in batch)

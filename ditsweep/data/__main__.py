@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="dataset name for the manifest (default: the source's)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes decoding a folder's images (default: all cores)")
+    p.add_argument("--limit", type=int, help="pack only this many images, a random subset "
+                                             "(the first ones of the seed's shuffle)")
     p.add_argument("--overwrite", action="store_true", help="replace a packed dataset at DEST")
     p.add_argument("--multipart-threshold-mb", type=float,
                    help="upload shards larger than this in parts (default 64)")
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.multipart_threshold_mb is not None:
                 settings = S3Settings(multipart_threshold=int(args.multipart_threshold_mb * MiB))
             m = pack(args.source, args.dest, args.resolution, args.shard_size, args.seed,
-                     name=args.name, workers=args.workers, overwrite=args.overwrite,
+                     name=args.name, workers=args.workers, limit=args.limit,
+                     overwrite=args.overwrite,
                      settings=settings, progress=sys.stderr.isatty())
             print(f"packed {m.count} images of {m.name} at {m.resolution}x{m.resolution} "
                   f"(seed {m.seed}) into {len(m.shards)} shards at {args.dest}")

@@ -35,16 +35,20 @@ def png_bytes(pixels) -> bytes:
 
 
 def pack(source: str, dest: str, resolution: int = 32, shard_size: int = 5000, seed: int = 0,
-         name: str | None = None, workers: int = 1, overwrite: bool = False,
+         name: str | None = None, workers: int = 1, limit: int | None = None,
+         overwrite: bool = False,
          settings: S3Settings | None = None, progress: bool = True) -> Manifest:
-    """Pack `source` (builtin:NAME or a folder) into `dest` (a local directory or s3://bucket/prefix)."""
-    if resolution < 1 or shard_size < 1:
-        raise ValueError("resolution and shard size must be positive")
+    """Pack `source` (builtin:NAME or a folder) into `dest` (a local directory or s3://bucket/prefix).
+
+    `limit` packs only the first `limit` images of the shuffled order (a random subset).
+    """
+    if resolution < 1 or shard_size < 1 or (limit is not None and limit < 1):
+        raise ValueError("resolution, shard size and limit must be positive")
     store = Store(dest, settings)
     if not overwrite and _has_manifest(store):
         raise DataError(f"{dest}: already holds a packed dataset ({MANIFEST}); pass --overwrite "
                         "to replace it")
-    src = open_source(source, resolution, seed, workers)
+    src = open_source(source, resolution, seed, workers, limit)
     shards: list[Shard] = []
     with tempfile.TemporaryDirectory(prefix="ditsweep-pack-") as tmp, \
             tqdm(total=src.count, unit="img", desc=f"pack {src.name}", disable=not progress) as bar:

@@ -56,7 +56,11 @@ class S3Settings:
 
 
 class NotFound(DataError):
-    """The object (or its bucket) does not exist."""
+    """The object does not exist."""
+
+
+class NoSuchBucket(DataError):
+    """The bucket does not exist (not a NotFound: a missing bucket is not a missing file)."""
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -69,13 +73,17 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-_clients: dict[tuple[int, str | None], object] = {}
+_clients: dict[tuple, object] = {}
 _lock = threading.Lock()
+# A client is reused until one of these changes (a test moving to another endpoint, say).
+_CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE",
+               "AWS_MAX_ATTEMPTS")
 
 
 def client(endpoint_url: str | None = None):
     """A boto3 S3 client for this process (clients are thread-safe but must not cross a fork)."""
-    key = (os.getpid(), endpoint_url)
+    key = (os.getpid(), endpoint_url, *(os.environ.get(name) for name in _CLIENT_ENV))
     with _lock:
         if key not in _clients:
             session = boto3.session.Session()
@@ -114,7 +122,7 @@ def _permanent_error(url: str, exc: BaseException) -> DataError:
     if isinstance(cause, bce.ClientError):
         code = cause.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
-            return NotFound(f"{url}: bucket does not exist")
+            return NoSuchBucket(f"{url}: bucket does not exist")
         if code in _NOT_FOUND:
             return NotFound(f"{url}: no such object")
         if code in _DENIED:

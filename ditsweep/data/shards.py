@@ -212,7 +212,7 @@ def decode_image(sample: dict, resolution: int) -> np.ndarray:
         raise DataError(f"{where} has no .png (has {sorted(k for k in sample if not k.startswith('__'))})")
     try:
         with Image.open(io.BytesIO(sample["png"])) as img:
-            image = np.asarray(img.convert("RGB"))
+            image = np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy wants one)
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken file
         raise DataError(f"{where}.png does not decode ({describe(e)})") from None
     if image.shape != (resolution, resolution, 3):

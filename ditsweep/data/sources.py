@@ -47,21 +47,22 @@ class Source:
     images: Callable[[], Iterator[tuple[np.ndarray, dict]]]  # (uint8 [R,R,3], metadata)
 
 
-def open_source(source: str, resolution: int, seed: int, workers: int = 1) -> Source:
-    """`builtin:NAME` or a folder path."""
+def open_source(source: str, resolution: int, seed: int, workers: int = 1,
+                limit: int | None = None) -> Source:
+    """`builtin:NAME` or a folder path; `limit` keeps the first images of the shuffled order."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_NAMES:
             raise DataError(f"{source}: unknown built-in dataset; known: "
                             + ", ".join(f"builtin:{n}" for n in BUILTIN_NAMES))
-        images = load_builtin(name, resolution, seed)
+        images = load_builtin(name, resolution, seed)[:limit]
 
         def builtin_images() -> Iterator[tuple[np.ndarray, dict]]:
             for image in images:
                 yield center_crop(Image.fromarray(image), resolution), {"source": source}
 
         return Source(name, source, len(images), builtin_images)
-    return _folder_source(Path(source), resolution, seed, workers)
+    return _folder_source(Path(source), resolution, seed, workers, limit)
 
 
 def image_files(root: Path) -> list[str]:
@@ -76,7 +77,7 @@ def image_files(root: Path) -> list[str]:
     return sorted(Path(p).as_posix() for p in found)
 
 
-def _folder_source(root: Path, resolution: int, seed: int, workers: int) -> Source:
+def _folder_source(root: Path, resolution: int, seed: int, workers: int, limit: int | None) -> Source:
     if not root.is_dir():
         raise DataError(f"{root}: not a folder of images nor a builtin: dataset")
     files = image_files(root)
@@ -84,7 +85,7 @@ def _folder_source(root: Path, resolution: int, seed: int, workers: int) -> Sour
         raise DataError(f"{root}: no image files found (any format Pillow reads, flat or in "
                         "class subfolders)")
     order = np.random.default_rng(seed).permutation(len(files))
-    ordered = [files[i] for i in order]
+    ordered = [files[i] for i in order[:limit]]  # a random subset: LSUN bedroom has 3M images
     load = functools.partial(_load, root=str(root), resolution=resolution)
 
     def folder_images() -> Iterator[tuple[np.ndarray, dict]]:
@@ -95,7 +96,7 @@ def _folder_source(root: Path, resolution: int, seed: int, workers: int) -> Sour
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             yield from pool.imap(load, ordered, chunksize=32)
 
-    return Source(root.resolve().name, str(root.resolve()), len(files), folder_images)
+    return Source(root.resolve().name, str(root.resolve()), len(ordered), folder_images)
 
 
 def _load(relative: str, root: str, resolution: int) -> tuple[np.ndarray, dict]:

@@ -117,23 +117,53 @@ def load_split(uri: str, resolution: int, n_train: int, n_test: int,
     store, manifest = open_packed(uri, resolution)
     check_split(uri, manifest.count, n_train, n_test)
     first_train = manifest.count - n_train
-    shards = {s.name: s for s in manifest.shards_for(0, n_test) + manifest.shards_for(first_train, manifest.count)}
-    wanted = lambda sample: sample["index"] < n_test or sample["index"] >= first_train  # noqa: E731
+    test, train = _read_ranges(store, manifest, [(0, n_test), (first_train, manifest.count)],
+                               cache_dir)
+    return train, test
+
+
+def load_range(uri: str, resolution: int, start: int, stop: int,
+               cache_dir: str | None = None) -> np.ndarray:
+    """Images start..stop-1 of the dataset order, uint8 [stop-start, R, R, 3].
+
+    For a streamed trial that needs a few images without loading its whole training set: the
+    first K training images of size N are `load_range(uri, R, size - N, size - N + K)`.
+    """
+    ref = parse_dataset_uri(uri)
+    if ref.scheme == "builtin":
+        images = load_builtin(ref.name, resolution, ref.seed)
+        size = len(images)
+    else:
+        store, manifest = open_packed(uri, resolution)
+        size = manifest.count
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"dataset {uri!r} holds {size} images: no range {start}..{stop}")
+    if ref.scheme == "builtin":
+        return images[start:stop]
+    return _read_ranges(store, manifest, [(start, stop)], cache_dir)[0]
+
+
+def _read_ranges(store: Store, manifest: Manifest, ranges: list[tuple[int, int]],
+                 cache_dir: str | None) -> list[np.ndarray]:
+    """The images of each [lo, hi) range, reading each needed shard once through webdataset."""
+    r = manifest.resolution
+    shards = {s.name: s for lo, hi in ranges for s in manifest.shards_for(lo, hi)}
+    out = [np.empty((hi - lo, r, r, 3), np.uint8) for lo, hi in ranges]
+    if not shards:
+        return out
+    wanted = lambda sample: any(lo <= sample["index"] < hi for lo, hi in ranges)  # noqa: E731
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([store.url(name) for name in shards]),
         ShardOpener(store, manifest, cache_dir or os.environ.get(CACHE_ENV)),
         shard_samples,
         wds.select(wanted),
-        wds.map(lambda sample: (sample["index"], decode_image(sample, resolution))),
+        wds.map(lambda sample: (sample["index"], decode_image(sample, r))),
     )
-    train = np.empty((n_train, resolution, resolution, 3), np.uint8)
-    test = np.empty((n_test, resolution, resolution, 3), np.uint8)
     for index, image in pipeline:
-        if index >= first_train:
-            train[index - first_train] = image
-        else:
-            test[index] = image
-    return train, test
+        for (lo, hi), images in zip(ranges, out):
+            if lo <= index < hi:
+                images[index - lo] = image
+    return out
 
 
 def check_split(uri: str, size: int, n_train: int, n_test: int) -> None:

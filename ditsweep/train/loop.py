@@ -6,6 +6,7 @@ gives the same loss sequence, with or without a checkpoint/restore in between.
 """
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ def pick_device(gpus: float) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrialConfig, train_images: torch.Tensor, device: torch.device | None = None):
+    def __init__(self, cfg: TrialConfig, train_images: torch.Tensor | None,
+                 device: torch.device | None = None):
+        """`train_images` float [N, C, H, W] in [-1, 1]; None when batches are streamed: then set
+        `self.batches` to an iterator of such batches before training."""
         self.cfg = cfg
         self.device = device or pick_device(cfg.resources.gpus_per_trial)
         torch.manual_seed(cfg.seed)  # model initialisation
@@ -43,7 +47,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
         self.diffusion = create_diffusion()
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.images = train_images.to(self.device)
+        self.images = train_images.to(self.device) if train_images is not None else None
+        self.batches: Iterator[torch.Tensor] | None = None
         # One generator for batches, timesteps and noise: its state goes into the checkpoint.
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -51,10 +56,13 @@ class Trainer:
     def train_step(self) -> float:
         """One optimisation step; returns the loss. Raises TrainingDiverged on NaN/inf."""
         b = self.cfg.train.batch_size
-        idx = torch.randint(len(self.images), (b,), generator=self.gen)
-        t = torch.randint(self.diffusion.num_timesteps, (b,), generator=self.gen)
-        noise = torch.randn((b, *self.images.shape[1:]), generator=self.gen)
-        x0 = self.images[idx.to(self.device)]
+        if self.batches is not None:
+            x0 = next(self.batches).to(self.device)
+        else:
+            idx = torch.randint(len(self.images), (b,), generator=self.gen)
+            x0 = self.images[idx.to(self.device)]
+        t = torch.randint(self.diffusion.num_timesteps, (len(x0),), generator=self.gen)
+        noise = torch.randn(x0.shape, generator=self.gen)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.cfg.train.precision == "bf16"):
             losses = self.diffusion.training_losses(self.forward, x0, t.to(self.device),

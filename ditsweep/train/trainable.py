@@ -6,6 +6,8 @@ metric steps already in MLflow are not logged twice.
 """
 
 import logging
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -14,9 +16,12 @@ import torch
 from ray import tune
 
 from ditsweep.data import load_split
-from ditsweep.eval.psnr_gap import plot_psnr_gap, psnr_gap
+from ditsweep.data.stream import stream_train_batches
+from ditsweep.eval.actors import Evaluator
+from ditsweep.eval.jobs import METRICS
 from ditsweep.spec import TrialConfig
 from ditsweep.tracking import TrialRun
+from ditsweep.tracking.tags import trial_tags
 from ditsweep.train.loop import Trainer, TrainingDiverged, to_model_range
 
 log = logging.getLogger(__name__)
@@ -36,15 +41,27 @@ def trial_params(cfg: TrialConfig) -> dict:
     }
 
 
+# MLflow's HTTP client retries for minutes before giving up, blocking training meanwhile; keep
+# its retries short and let TrialRun's queue carry metrics over a longer outage instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 def train_trial(config: dict) -> None:
     """Tune function trainable: config = {TRIAL_KEY: TrialConfig as a dict}."""
     cfg = TrialConfig.model_validate(config[TRIAL_KEY])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
-    n_test = min(cfg.eval.psnr_gap.num_images, cfg.n_train) if cfg.eval.psnr_gap.enabled else 0
-    train_u8, test_u8 = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, n_test)
-    trainer = Trainer(cfg, to_model_range(train_u8))
+    if cfg.data.stream:
+        trainer = Trainer(cfg, None)
+    else:
+        train_u8, _ = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, 0)
+        trainer = Trainer(cfg, to_model_range(train_u8))
     run = TrialRun(cfg.tracking_uri, cfg.experiment, cfg.parent_run_id, cfg.trial,
-                   trial_params(cfg), tags={"ditsweep.sweep": cfg.sweep})
+                   trial_params(cfg),
+                   tags={"ditsweep.sweep": cfg.sweep,
+                         **trial_tags(cfg.model, cfg.arch, cfg.layout, cfg.layout_name, cfg.n_train,
+                                      cfg.dataset, cfg.variant)})
+    evaluator = _evaluator(cfg, run)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -52,6 +69,11 @@ def train_trial(config: dict) -> None:
             trainer.load(Path(d))
         log.info("trial %s resumed at step %d", cfg.trial, trainer.step)
         run.set_tags({"ditsweep.resumed_from_step": str(trainer.step)})
+    if cfg.data.stream:  # seeded by the step, so a resumed trial does not replay its batches
+        trainer.batches = stream_train_batches(
+            cfg.dataset, cfg.n_train, cfg.train.batch_size, seed=cfg.seed * 1_000_003 + trainer.step,
+            shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.loader_workers,
+            cache_dir=os.environ.get("DITSWEEP_DATA_CACHE"), resolution=cfg.data.resolution)
     last_flush = time.monotonic()
     window: list[float] = []
     metrics: dict = {}
@@ -64,9 +86,8 @@ def train_trial(config: dict) -> None:
                 metrics["loss"] = sum(window) / len(window)
                 run.log_metrics({"loss": metrics["loss"]}, step)
                 window.clear()
-            gap_every = cfg.eval.psnr_gap.every
-            if cfg.eval.psnr_gap.enabled and gap_every and step % gap_every == 0 and step < cfg.train.steps:
-                metrics["psnr_gap_mean"] = _evaluate(trainer, train_u8, test_u8, run, final=False).mean_gap
+            if evaluator and step < cfg.train.steps:
+                evaluator.submit(trainer.eval_model(), step)  # if any metric is due; returns at once
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 run.flush()
                 _report(trainer, run, metrics)
@@ -79,28 +100,31 @@ def train_trial(config: dict) -> None:
         raise
 
     metrics = {"step": trainer.step, "loss": metrics.get("loss", float("nan"))}
-    if cfg.eval.psnr_gap.enabled:
-        metrics["psnr_gap_mean"] = _evaluate(trainer, train_u8, test_u8, run, final=True).mean_gap
+    metrics.update(_evaluate(evaluator, trainer))
     run.finish("FINISHED")
     _report(trainer, run, metrics)
 
 
-def _evaluate(trainer: Trainer, train_u8, test_u8, run: TrialRun, final: bool):
-    cfg = trainer.cfg
-    k = len(test_u8)
-    result = psnr_gap(trainer.eval_model(), to_model_range(train_u8[:k]), to_model_range(test_u8),
-                      num_steps=cfg.eval.psnr_gap.steps, seed=cfg.seed,
-                      batch_size=cfg.eval.psnr_gap.batch_size)
-    run.log_metrics({"psnr_gap_mean": result.mean_gap}, trainer.step)
-    if final:
-        run.log_series("psnr_train_t", result.timesteps, result.psnr_train)
-        run.log_series("psnr_test_t", result.timesteps, result.psnr_test)
-        run.log_series("psnr_gap_t", result.timesteps, result.gap)
-        with tempfile.TemporaryDirectory() as d:
-            png = Path(d) / "psnr_gap.png"
-            plot_psnr_gap(result, f"{cfg.trial}: {cfg.model} layout {cfg.layout} N={cfg.n_train}", str(png))
-            run.log_artifact(str(png))
-    return result
+def _evaluator(cfg: TrialConfig, run: TrialRun) -> Evaluator | None:
+    """The trial's handle on the sweep's evaluation pool (None if no metric is enabled). The
+    trial's pid and host go into the run, next to the evaluator's, to show where each ran."""
+    run.set_tags({"ditsweep.trial_pid": str(os.getpid()), "ditsweep.trial_host": socket.gethostname()})
+    if not any(getattr(cfg.eval, m).enabled for m in METRICS):
+        return None
+    return Evaluator(cfg, run.run_id)
+
+
+def _evaluate(evaluator: Evaluator | None, trainer: Trainer) -> dict:
+    """Submit the final evaluation and wait for all of this trial's jobs (the pool logs their
+    values to MLflow); returns the final values for Tune, e.g. psnr_gap_mean and fid."""
+    if evaluator is None:
+        return {}
+    result = evaluator.finish(trainer.eval_model(), trainer.step)
+    if result is None:
+        return {}
+    if result.failures:
+        log.warning("final evaluation of %s: %s", trainer.cfg.trial, result.failures)
+    return dict(result.scalars)
 
 
 def _report(trainer: Trainer, run: TrialRun, metrics: dict) -> None:

@@ -1,0 +1,253 @@
+"""Evaluation jobs: what a trial asks for, and how one job is computed.
+
+A job names a trial (its TrialConfig as a dict, which holds the data spec), the MLflow run, the
+training step, whether it is the trial's final evaluation, which metrics to compute, and the
+weights to evaluate (the EMA state dict, as a Ray object reference when sent to an actor).
+`run_job` computes the metrics, writes the figures and uploads them to the run as artifacts,
+and returns the numbers; the coordinator logs those to MLflow once the job has succeeded, so a
+job re-run after its actor died never logs a value twice.
+
+Metrics (each enabled and scheduled in the sweep's `eval:` section):
+
+    psnr_gap   psnr_gap_mean at the training step; at the end also the curves psnr_train_t,
+               psnr_test_t, psnr_gap_t (step = diffusion timestep) and psnr_gap.png
+    fid        fid (torch-fidelity, samples vs min(N, reference_images) training images)
+    attention  attn_distance_layer{i}, attn_mass3_layer{i}, attn_mass7_layer{i} (i = 1..depth)
+               and attention/maps_*.png, attention/query_*.png; DiT only (UNets are skipped)
+    jacobian   jacobian_top_eigenvalue_t{t}, jacobian_asymmetry_t{t}, the leading eigenvectors as
+               jacobian/eigenvectors_*.png; at the end the series jacobian_eigenvalue_t{t}
+               (step = rank, 0 = largest); images up to 16x16 only
+    samples    samples/samples_step*.png
+"""
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ditsweep.data import load_split
+from ditsweep.eval import attention, fid, jacobian, samples
+from ditsweep.eval.psnr_gap import plot_psnr_gap, psnr_gap
+from ditsweep.models import build_model
+from ditsweep.spec import EvalSettings, TrialConfig
+from ditsweep.train.loop import to_model_range
+
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr_gap", "fid", "attention", "jacobian", "samples")
+
+
+def metrics_due(settings: EvalSettings, step: int, final: bool) -> list[str]:
+    """The enabled metrics to compute at `step`: all of them at the end, otherwise those whose
+    `every` divides the step."""
+    due = []
+    for name in METRICS:
+        s = getattr(settings, name)
+        if s.enabled and (final or (s.every and step % s.every == 0)):
+            due.append(name)
+    return due
+
+
+@dataclass
+class EvalJob:
+    trial: dict          # TrialConfig.model_dump(): model, data spec, eval settings, tracking
+    run_id: str          # the trial's MLflow run
+    step: int            # training step of the weights
+    final: bool
+    metrics: list[str]
+    weights: Any         # EMA state dict, or a Ray ObjectRef to one
+
+    @property
+    def name(self) -> str:
+        return f"{self.trial['trial']}@{self.step}{' (final)' if self.final else ''}"
+
+
+@dataclass
+class EvalResult:
+    step: int
+    final: bool
+    scalars: dict[str, float] = field(default_factory=dict)  # logged at the training step
+    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # own x-axis
+    artifacts: list[str] = field(default_factory=list)       # already uploaded by the worker
+    failures: dict[str, str] = field(default_factory=dict)   # metric -> reason
+    seconds: dict[str, float] = field(default_factory=dict)  # metric -> wall time
+    evaluator: dict[str, Any] = field(default_factory=dict)  # pid and host of the actor
+    attempts: int = 1
+
+
+def process_info() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def eval_model(cfg: TrialConfig, state_dict: dict, device: torch.device) -> torch.nn.Module:
+    """The trial's architecture with the given weights, in eval mode."""
+    # NATTEN's CPU build has no backward (the Jacobian needs one): on CPU use the PyTorch path.
+    backend = cfg.train.attention_backend if device.type == "cuda" else "torch"
+    model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
+                        layout=None if cfg.arch != "dit" else cfg.layout,
+                        weight_sharing=cfg.variant == "weight-sharing", attention_backend=backend)
+    model.load_state_dict(state_dict)
+    return model.to(device).eval().requires_grad_(False)
+
+
+class _Context:
+    """What the metric functions share within one job: model, data (loaded on first use),
+    samples already generated, the output folder and the MLflow client."""
+
+    def __init__(self, job: EvalJob, cfg: TrialConfig, model: torch.nn.Module, device: torch.device,
+                 out: Path):
+        self.job, self.cfg, self.model, self.device, self.out = job, cfg, model, device, out
+        self._split = None
+        self._samples: dict[int, torch.Tensor] = {}  # sampling steps -> images
+
+    @property
+    def tag(self) -> str:
+        return f"step{self.job.step:06d}"
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (train, test) images of the trial: the same split its training used."""
+        if self._split is None:
+            cfg = self.cfg
+            n_test = min(cfg.eval.psnr_gap.num_images, cfg.n_train) if cfg.eval.psnr_gap.enabled else 0
+            self._split = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, n_test)
+        return self._split
+
+    def samples(self, count: int, steps: int, batch_size: int = 256) -> torch.Tensor:
+        """`count` samples with `steps` sampling steps; reused between FID and the sample grid
+        (the same seed gives the same first images, so taking a prefix is exact)."""
+        have = self._samples.get(steps)
+        if have is None or len(have) < count:
+            r = self.cfg.data.resolution
+            have = samples.generate(self.model, count, (3, r, r), steps, seed=self.cfg.seed,
+                                    batch_size=batch_size)
+            self._samples[steps] = have
+        return have[:count]
+
+    def title(self) -> str:
+        c = self.cfg
+        return f"{c.trial}: {c.model} layout {c.layout} N={c.n_train}, step {self.job.step}"
+
+
+def _psnr_gap(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    s = ctx.cfg.eval.psnr_gap
+    train_u8, test_u8 = ctx.split()
+    k = len(test_u8)
+    gap = psnr_gap(ctx.model, to_model_range(train_u8[:k]), to_model_range(test_u8),
+                   num_steps=s.steps, seed=ctx.cfg.seed, batch_size=s.batch_size)
+    result.scalars["psnr_gap_mean"] = gap.mean_gap
+    if not ctx.job.final:
+        return []
+    result.series["psnr_train_t"] = (gap.timesteps, gap.psnr_train)
+    result.series["psnr_test_t"] = (gap.timesteps, gap.psnr_test)
+    result.series["psnr_gap_t"] = (gap.timesteps, gap.gap)
+    png = ctx.out / "psnr_gap.png"
+    c = ctx.cfg
+    plot_psnr_gap(gap, f"{c.trial}: {c.model} layout {c.layout} N={c.n_train}", str(png))
+    return [(png, None)]
+
+
+def _fid(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    s = ctx.cfg.eval.fid
+    train_u8, _ = ctx.split()
+    n_ref = min(len(train_u8), s.reference_images)
+    # The paper's reference set: M = min(N, 50k) training images, chosen at random when N > M.
+    pick = np.sort(np.random.default_rng(0).permutation(len(train_u8))[:n_ref])
+    reference = torch.from_numpy(train_u8[pick]).permute(0, 3, 1, 2).contiguous()
+    generated = fid.to_uint8_rgb(ctx.samples(s.num_samples, s.sampling_steps, s.batch_size))
+    key = f"{ctx.cfg.dataset}|{ctx.cfg.data.resolution}|{ctx.cfg.n_train}|{n_ref}"
+    result.scalars["fid"] = fid.fid(generated, reference, s.feature_extractor_weights_path,
+                                    batch_size=s.batch_size, cuda=ctx.device.type == "cuda",
+                                    reference_key=key)
+    return []
+
+
+def _attention(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    if ctx.cfg.arch != "dit":
+        return []  # UNet attention is not over a token grid of the image: nothing to measure
+    s = ctx.cfg.eval.attention
+    train_u8, _ = ctx.split()
+    images = to_model_range(train_u8[: s.num_images])
+    measured = attention.measure(ctx.model, images, s.timesteps, seed=ctx.cfg.seed)
+    for i, layer in enumerate(measured.locality, start=1):
+        result.scalars[f"attn_distance_layer{i}"] = layer["distance"]
+        result.scalars[f"attn_mass3_layer{i}"] = layer["mass3"]
+        result.scalars[f"attn_mass7_layer{i}"] = layer["mass7"]
+    files = []
+    for t, maps in measured.examples.items():
+        maps_png = ctx.out / f"maps_{ctx.tag}_t{t}.png"
+        query_png = ctx.out / f"query_{ctx.tag}_t{t}.png"
+        attention.plot_attention_maps(maps, ctx.model.layout, f"{ctx.title()}, t={t}", maps_png)
+        attention.plot_query_attention(maps, ctx.model.grid, ctx.model.layout, f"{ctx.title()}, t={t}",
+                                       query_png)
+        files += [(maps_png, "attention"), (query_png, "attention")]
+    return files
+
+
+def _jacobian(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    s = ctx.cfg.eval.jacobian
+    r = ctx.cfg.data.resolution
+    jacobian.check_resolution(r, r)
+    train_u8, _ = ctx.split()
+    x0 = to_model_range(train_u8[:1])[0]
+    files = []
+    for t in s.timesteps:
+        jac = jacobian.denoiser_jacobian(ctx.model, x0, t, seed=ctx.cfg.seed)
+        values, vectors = jacobian.eigendecomposition(jac)
+        result.scalars[f"jacobian_top_eigenvalue_t{t}"] = values[0].item()
+        result.scalars[f"jacobian_asymmetry_t{t}"] = jacobian.asymmetry(jac)
+        if ctx.job.final:
+            top = values[: s.num_eigenvalues].tolist()
+            result.series[f"jacobian_eigenvalue_t{t}"] = (list(range(len(top))), top)
+        png = ctx.out / f"eigenvectors_{ctx.tag}_t{t}.png"
+        jacobian.plot_eigenvectors(values, vectors, tuple(x0.shape), s.num_eigenvectors,
+                                   f"{ctx.title()}, t={t}", png)
+        files.append((png, "jacobian"))
+    return files
+
+
+def _samples(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    s = ctx.cfg.eval.samples
+    png = ctx.out / f"samples_{ctx.tag}.png"
+    samples.save_grid(ctx.samples(s.num_images, s.sampling_steps), png)
+    return [(png, "samples")]
+
+
+METRIC_FUNCTIONS = {"psnr_gap": _psnr_gap, "fid": _fid, "attention": _attention,
+                    "jacobian": _jacobian, "samples": _samples}
+
+
+def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None) -> EvalResult:
+    """Compute a job's metrics and upload its figures to the trial's MLflow run.
+
+    A metric that raises is recorded in `failures` with its reason and the others still run:
+    a broken FID setup must not cost the PSNR gap. Numbers are returned, not logged.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from ditsweep.tracking.mlflow_runs import retrying
+
+    device = device or torch.device("cpu")
+    cfg = TrialConfig.model_validate(job.trial)
+    model = eval_model(cfg, state_dict, device)
+    result = EvalResult(step=job.step, final=job.final, evaluator=process_info())
+    client = MlflowClient(cfg.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="ditsweep-eval-") as d:
+        ctx = _Context(job, cfg, model, device, Path(d))
+        for name in job.metrics:
+            start = time.perf_counter()
+            try:
+                for path, folder in METRIC_FUNCTIONS[name](ctx, result):
+                    retrying(lambda: client.log_artifact(job.run_id, str(path), folder), "artifact")
+                    result.artifacts.append(f"{folder}/{path.name}" if folder else path.name)
+            except Exception as e:  # recorded in the run; the trial goes on
+                log.exception("evaluation %s of %s failed", name, job.name)
+                result.failures[name] = f"{type(e).__name__}: {e}"
+            result.seconds[name] = time.perf_counter() - start
+    return result

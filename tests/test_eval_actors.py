@@ -1,0 +1,121 @@
+"""The evaluation pool end to end: a sweep whose trials are evaluated by Ray actors in other
+processes, with every metric and figure in MLflow; and a worker killed in the middle of a job,
+which is replaced, the job re-run, and its values logged exactly once."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, tiny_sweep, write_sweep
+from ditsweep.eval.fid import write_random_inception_weights
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_trials_are_evaluated_by_actors_in_other_processes(tmp_path):
+    weights = write_random_inception_weights(tmp_path / "inception-random.pth")
+    sweep = tiny_sweep(name="eval-e2e", eval={
+        "psnr_gap": {"num_images": 8, "steps": 5, "every": 3},
+        "fid": {"enabled": True, "num_samples": 16, "sampling_steps": 10, "batch_size": 16,
+                "feature_extractor_weights_path": str(weights)},
+        "attention": {"num_images": 4, "timesteps": [500]},
+        "jacobian": {"enabled": True, "num_eigenvalues": 8, "num_eigenvectors": 4},
+        "samples": {"num_images": 16, "sampling_steps": 10},
+    })
+    sweep["grid"]["model"] = ["DiT-T/1", "UNet-T"]
+    sweep["grid"]["layout"] = ["local"]
+    proc = subprocess.run([PYTHON, "-m", "ditsweep.run", str(write_sweep(tmp_path, sweep))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2/2 trials finished" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("000_", "001_"))]
+    assert len(rows) == 2 and all(re.search(r"\d\.\d{4}\s+done$", r) for r in rows), rows  # PSNR gap via Tune
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eval-e2e")
+    runs = {r.data.params["arch"]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("ditsweep.role") == "trial"}
+    assert set(runs) == {"dit", "unet"}
+    for arch, run in runs.items():
+        run_id, tags = run.info.run_id, run.data.tags
+        assert run.info.status == "FINISHED"
+        assert "ditsweep.eval_failure" not in tags, tags["ditsweep.eval_failure"]
+        # The evaluation ran in an actor, not in the trial's process.
+        assert tags["ditsweep.evaluator_pid"] != tags["ditsweep.trial_pid"]
+
+        def steps(key):
+            return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+        assert steps("psnr_gap_mean") == [3, 6]  # every 3 steps, and the final one
+        assert steps("fid") == [6] and steps("jacobian_top_eigenvalue_t100") == [6]
+        assert len(steps("psnr_gap_t")) == 5 and steps("jacobian_eigenvalue_t100") == list(range(8))
+        assert [m.value for m in client.get_metric_history(run_id, "eval_attempts")] == [1, 1]
+        artifacts = {a.path for folder in (None, "attention", "jacobian", "samples")
+                     for a in client.list_artifacts(run_id, folder)}
+        assert {"psnr_gap.png", "jacobian/eigenvectors_step000006_t100.png",
+                "samples/samples_step000006.png"} <= artifacts
+        if arch == "dit":
+            assert steps("attn_distance_layer1") == [6] and steps("attn_mass7_layer6") == [6]
+            assert run.data.metrics["attn_mass3_layer1"] == pytest.approx(1.0, abs=1e-5)  # 3x3 block
+            assert {"attention/maps_step000006_t500.png", "attention/query_step000006_t500.png"} <= artifacts
+        else:
+            assert not any(k.startswith("attn_") for k in run.data.metrics)  # UNets: skipped
+
+
+def test_a_killed_worker_is_replaced_and_its_job_retried_and_logged_once(tmp_path):
+    import ray
+
+    from ditsweep.eval.actors import start_pool, stop_pool
+    from ditsweep.eval.jobs import EvalJob
+    from ditsweep.models import build_model
+    from ditsweep.spec import Sweep, expand
+    from ditsweep.tracking import TrialRun
+
+    # A Jacobian at 16x16 (768 backward passes of a DiT) takes tens of seconds: a job that is
+    # naturally slow enough to be killed in the middle.
+    sweep = Sweep.model_validate(tiny_sweep(
+        name="kill", data={"resolution": 16}, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        eval={"psnr_gap": {"enabled": False}, "attention": {"enabled": False},
+              "samples": {"enabled": False}, "jacobian": {"enabled": True, "num_eigenvalues": 4},
+              "actors": {"count": 1, "max_retries": 2}}))
+    cfg = expand(sweep)[0]
+    run = TrialRun(cfg.tracking_uri, cfg.experiment, None, cfg.trial, {})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, image_size=16, layout=cfg.layout)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = start_pool(sweep, local=True)
+        job = EvalJob(cfg.model_dump(), run.run_id, 10, True, ["jacobian"], ray.put(model.state_dict()))
+        ref = pool.evaluate.remote(job)
+        deadline = time.monotonic() + 60
+        while not (running := ray.get(pool.status.remote())["running"]):
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.2)
+        victim = next(iter(running.values()))
+        time.sleep(1.0)
+        assert not ray.wait([ref], timeout=0)[0], "the job finished before the kill: make it slower"
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        result = ray.get(ref, timeout=300)
+        assert result.failures == {} and result.attempts == 2
+        assert result.evaluator["pid"] != victim["pid"]
+        counts = ray.get(pool.status.remote())["counts"]
+        assert counts["workers_replaced"] == 1 and counts["retried_jobs"] == 1
+        stop_pool(pool)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(cfg.tracking_uri)
+    assert len(client.get_metric_history(run.run_id, "jacobian_top_eigenvalue_t100")) == 1
+    assert len(client.get_metric_history(run.run_id, "jacobian_eigenvalue_t100")) == 4
+    assert [m.value for m in client.get_metric_history(run.run_id, "eval_attempts")] == [2]
+    assert "ditsweep.eval_failure" not in client.get_run(run.run_id).data.tags

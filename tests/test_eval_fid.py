@@ -1,0 +1,69 @@
+"""FID through torch-fidelity's real code path, offline: a randomly initialised InceptionV3
+weights file stands in for the real one (the numbers are meaningless, the behaviour is not)."""
+
+import pytest
+import torch
+
+from conftest import tiny_sweep, write_sweep
+from ditsweep.data import load_split
+from ditsweep.eval.fid import INCEPTION_ENV, fid, to_uint8_rgb, weights_file, write_random_inception_weights
+from ditsweep.spec import SpecError, load_sweep
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return str(write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth"))
+
+
+def photos(n: int) -> torch.Tensor:
+    train, _ = load_split("builtin:photos", 8, n, 0)
+    return torch.from_numpy(train).permute(0, 3, 1, 2).contiguous()  # uint8 [n, 3, 8, 8]
+
+
+@pytest.mark.slow  # ~80 InceptionV3 passes at 299x299 on a CPU: about half a minute
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_brightness_shift(weights, tmp_path):
+    images = photos(16)
+    values = []
+    for shift in (0, 16, 32, 64):
+        shifted = (images.int() + shift).clamp(0, 255).to(torch.uint8)
+        # The reference statistics are computed once and then read from the cache.
+        values.append(fid(shifted, images, weights, batch_size=16, reference_key="photos16",
+                          cache_dir=str(tmp_path)))
+    assert abs(values[0]) < 1e-2
+    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert [p.name.endswith("stat-fid-2048.pt") for p in tmp_path.glob("ditsweep-ref-*")] == [True]
+
+
+def test_missing_or_unset_weights_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"eval\.fid\.feature_extractor_weights_path.*does not exist"):
+        weights_file(str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match=r"eval\.fid\.feature_extractor_weights_path is not set"):
+        fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), None)
+    with pytest.raises(ValueError, match="only local paths and file://"):
+        weights_file("https://example.com/inception.pth")
+    real = tmp_path / "w.pth"
+    real.write_bytes(b"x")
+    assert weights_file(f"file://{real}") == real
+
+
+def test_sweep_validation_requires_the_weights_when_fid_is_on(tmp_path, monkeypatch):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    path = write_sweep(tmp_path, tiny_sweep(eval={"fid": {"enabled": True}}))
+    with pytest.raises(SpecError, match=r"eval\.fid\.feature_extractor_weights_path.*not set"):
+        load_sweep(path)
+    path = write_sweep(tmp_path, tiny_sweep(eval={"fid": {"enabled": True,
+                                                          "feature_extractor_weights_path": str(tmp_path / "x")}}))
+    with pytest.raises(SpecError, match=r"eval\.fid\.feature_extractor_weights_path.*does not exist"):
+        load_sweep(path)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setenv(INCEPTION_ENV, str(weights))  # the Docker images' default
+    path = write_sweep(tmp_path, tiny_sweep(eval={"fid": {"enabled": True}}))
+    assert load_sweep(path).eval.fid.feature_extractor_weights_path == str(weights)
+
+
+def test_uint8_rgb_conversion():
+    gray = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2)
+    u8 = to_uint8_rgb(gray)
+    assert u8.dtype == torch.uint8 and u8.shape == (1, 3, 2, 2)
+    assert u8[0, 0].flatten().tolist() == [0, 128, 255, 255] and (u8[0, 0] == u8[0, 2]).all()
