@@ -37,7 +37,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_brightness_shift(weig
 def test_missing_or_unset_weights_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"eval\.fid\.feature_extractor_weights_path.*does not exist"):
         weights_file(str(tmp_path / "nope.pth"))
-    with pytest.raises(ValueError, match=r"eval\.fid\.feature_extractor_weights_path is not set"):
+    with pytest.raises(ValueError, match=r"eval\.fid\.feature_extractor_weights_path: not set"):
         fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), None)
     with pytest.raises(ValueError, match="only local paths and file://"):
         weights_file("https://example.com/inception.pth")
@@ -49,11 +49,12 @@ def test_missing_or_unset_weights_name_the_setting(tmp_path):
 def test_sweep_validation_requires_the_weights_when_fid_is_on(tmp_path, monkeypatch):
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
     path = write_sweep(tmp_path, tiny_sweep(eval={"fid": {"enabled": True}}))
-    with pytest.raises(SpecError, match=r"eval\.fid\.feature_extractor_weights_path.*not set"):
+    setting = r"eval\.fid\.feature_extractor_weights_path: "
+    with pytest.raises(SpecError, match=setting + r".*not set, and \$DITSWEEP_INCEPTION_WEIGHTS"):
         load_sweep(path)
-    path = write_sweep(tmp_path, tiny_sweep(eval={"fid": {"enabled": True,
-                                                          "feature_extractor_weights_path": str(tmp_path / "x")}}))
-    with pytest.raises(SpecError, match=r"eval\.fid\.feature_extractor_weights_path.*does not exist"):
+    missing = {"enabled": True, "feature_extractor_weights_path": str(tmp_path / "x")}
+    path = write_sweep(tmp_path, tiny_sweep(eval={"fid": missing}))
+    with pytest.raises(SpecError, match=setting + ".*does not exist"):
         load_sweep(path)
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"x")

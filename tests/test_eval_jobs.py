@@ -60,7 +60,8 @@ def test_a_final_job_computes_every_metric_and_uploads_the_figures(tmp_path):
 
 def test_unet_skips_attention_and_a_failing_metric_does_not_stop_the_others(tmp_path):
     cfg, run, model = trial(tmp_path, model="UNet-T", resolution=32)
-    job = EvalJob(cfg.model_dump(), run.run_id, 4, False, ["attention", "jacobian", "samples"], model.state_dict())
+    job = EvalJob(cfg.model_dump(), run.run_id, 4, False, ["attention", "jacobian", "samples"],
+                  model.state_dict())
     result = run_job(job, model.state_dict())
     assert not any(k.startswith("attn_") for k in result.scalars)  # skipped, not failed
     assert set(result.failures) == {"jacobian"} and "up to 16x16" in result.failures["jacobian"]

@@ -18,6 +18,8 @@ dies (killed, out of memory, node lost) it is replaced and the job re-run, at mo
 `eval.actors.max_retries` times; a job that still fails, or that raises, is recorded in the run
 (tag `ditsweep.eval_failure`, with the reason) and never fails the training. Values are logged
 only after a job succeeded, and a (metric, step) already in the run is never logged again.
+A trial that gets more than MAX_PENDING evaluations ahead of the pool waits for it (each queued
+job holds a copy of the weights).
 """
 
 import asyncio
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "ditsweep"
 FAILURE_TAG = "ditsweep.eval_failure"
 READY_TIMEOUT_S = 600.0  # a cluster may need to start nodes for the workers' resources
+MAX_PENDING = 4          # unfinished evaluation jobs per trial before the trial waits
 
 
 def pool_name(sweep_name: str) -> str:
@@ -115,6 +118,7 @@ class EvalCoordinator:
                 self.workers.append(worker)
                 continue
             except Exception as e:  # the job itself raised (e.g. its weights were lost): no retry
+                self.counts["failed_jobs"] += 1
                 return EvalResult(step=job.step, final=job.final, attempts=attempt,
                                   failures={"job": f"{type(e).__name__}: {_first_line(e)}"})
             finally:
@@ -160,7 +164,8 @@ def record_result(job: EvalJob, result: EvalResult) -> None:
                 "ditsweep.evaluator_host": str(result.evaluator["host"])}
     if result.failures:
         where = f"step {job.step}{' (final)' if job.final else ''}"
-        tags[FAILURE_TAG] = "; ".join(f"{where} {name}: {reason}" for name, reason in result.failures.items())[:5000]
+        reasons = "; ".join(f"{where} {name}: {reason}" for name, reason in result.failures.items())
+        tags[FAILURE_TAG] = reasons[:5000]
     _log_batch(client, job.run_id, metrics=batch, tags=tags)
 
 
@@ -183,12 +188,24 @@ class Evaluator:
         metrics = metrics_due(self.cfg.eval, step, final)
         if not metrics:
             return False
+        self._limit_pending()
         # A CPU copy now: training goes on changing the weights while the job waits in the queue.
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         job = EvalJob(trial=self.cfg.model_dump(), run_id=self.run_id, step=step, final=final,
                       metrics=metrics, weights=ray.put(state))
         self.pending.append(self.pool.evaluate.remote(job))
         return True
+
+    def _limit_pending(self) -> None:
+        """Back-pressure: if evaluation falls behind training, each queued job pins a copy of the
+        weights in the object store; beyond MAX_PENDING unfinished jobs the trial waits."""
+        if len(self.pending) < MAX_PENDING:
+            return
+        _, unfinished = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        if len(unfinished) >= MAX_PENDING:
+            log.warning("trial %s waits for its evaluations to catch up (%d queued)",
+                        self.cfg.trial, len(unfinished))
+            ray.wait(unfinished, num_returns=len(unfinished) - MAX_PENDING + 1)
 
     def finish(self, model: torch.nn.Module, step: int) -> EvalResult | None:
         """Submit the final evaluation and wait for every job of this trial; returns the final
@@ -199,8 +216,13 @@ class Evaluator:
             try:
                 results.append(ray.get(ref))
             except Exception as e:  # the coordinator itself is gone: record, do not fail training
-                results.append(EvalResult(step=step, final=True,
-                                          failures={"pool": f"{type(e).__name__}: {_first_line(e)}"}))
+                failed = EvalResult(step=step, final=True, attempts=0,
+                                    failures={"pool": f"{type(e).__name__}: {_first_line(e)}"})
+                results.append(failed)
+                try:
+                    record_result(EvalJob(self.cfg.model_dump(), self.run_id, step, True, [], None), failed)
+                except Exception:
+                    log.exception("could not record the evaluation pool's failure in MLflow")
         self.pending.clear()
         return results[-1] if submitted and results else None
 
@@ -240,10 +262,11 @@ def check_fits(actors: EvalActorSettings, cpus_per_trial: float, gpus_per_trial:
         reserved = actors.count * per_actor
         total = cluster.get(resource, 0.0)
         if reserved and total - reserved < per_trial:
-            problems.append(f"eval.actors reserves {actors.count} x {per_actor:g} = {reserved:g} {resource}s, "
-                            f"which leaves {total - reserved:g} of this Ray cluster's {total:g} for trials "
-                            f"that need {per_trial:g} each (resources.{name}_per_trial); "
-                            f"lower eval.actors.{name} or eval.actors.count (0 CPUs = share the trials' cores)")
+            problems.append(
+                f"eval.actors reserves {actors.count} x {per_actor:g} = {reserved:g} {resource}s, which "
+                f"leaves {total - reserved:g} of this Ray cluster's {total:g} for trials that need "
+                f"{per_trial:g} each (resources.{name}_per_trial); lower eval.actors.{name} or "
+                f"eval.actors.count (0 CPUs = share the trials' cores)")
     if problems and strict:
         raise ValueError("; ".join(problems))
     for p in problems:

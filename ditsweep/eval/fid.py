@@ -28,26 +28,35 @@ FEATURE_LAYER = "2048"
 def weights_file(value: str | None) -> Path:
     """The local file a weights setting names (a path or a file:// URI). Raises ValueError naming
     the setting when it is unset, not local, or missing."""
-    if not value:
-        raise ValueError(f"{SETTING} is not set and ${INCEPTION_ENV} is empty: FID needs a local "
-                         f"copy of torch-fidelity's InceptionV3 weights "
-                         f"(weights-inception-2015-12-05-6726825d.pth); nothing is downloaded at run time")
-    parsed = urlparse(value)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme and len(parsed.scheme) > 1:  # "C:" is a drive, not a scheme
-        raise ValueError(f"{SETTING}: {value!r} is a {parsed.scheme}:// URI; only local paths and "
-                         f"file:// URIs are supported (copy the weights onto the node)")
-    else:
-        path = Path(value).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{SETTING}: InceptionV3 weights file {str(path)!r} does not exist")
+    path, problem = _resolve(value)
+    if problem:
+        raise ValueError(f"{SETTING}: {problem}")
     return path
 
 
 def check_weights_path(value: str | None) -> None:
-    """Validation hook for the sweep schema (same errors as `weights_file`)."""
-    weights_file(value)
+    """For the sweep schema's validator, which names the setting itself."""
+    _, problem = _resolve(value)
+    if problem:
+        raise ValueError(problem)
+
+
+def _resolve(value: str | None) -> tuple[Path | None, str | None]:
+    if not value:
+        return None, (f"not set, and ${INCEPTION_ENV} is empty: FID needs a local copy of "
+                      f"torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth); "
+                      f"nothing is downloaded at run time")
+    parsed = urlparse(value)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme and len(parsed.scheme) > 1:  # "C:" is a drive, not a scheme
+        return None, (f"{value!r} is a {parsed.scheme}:// URI; only local paths and file:// URIs are "
+                      f"supported (put the weights on the node, e.g. in the Docker image)")
+    else:
+        path = Path(value).expanduser()
+    if not path.is_file():
+        return None, f"InceptionV3 weights file {str(path)!r} does not exist"
+    return path, None
 
 
 class _Uint8Images(torch.utils.data.Dataset):

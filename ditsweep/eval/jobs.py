@@ -120,8 +120,8 @@ class _Context:
         return self._split
 
     def samples(self, count: int, steps: int, batch_size: int = 256) -> torch.Tensor:
-        """`count` samples with `steps` sampling steps; reused between FID and the sample grid
-        (the same seed gives the same first images, so taking a prefix is exact)."""
+        """`count` samples with `steps` sampling steps. FID runs first and the sample grid then
+        shows the first of its samples instead of sampling again."""
         have = self._samples.get(steps)
         if have is None or len(have) < count:
             r = self.cfg.data.resolution

@@ -35,10 +35,21 @@ def trial_params(cfg: TrialConfig) -> dict:
         "model": cfg.model, "arch": cfg.arch, "layout": cfg.layout, "layout_name": cfg.layout_name,
         "variant": cfg.variant, "n_train": cfg.n_train, "seed": cfg.seed, "dataset": cfg.dataset,
         "resolution": cfg.data.resolution, "sweep": cfg.sweep,
-        **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
-        "eval.use_ema": cfg.eval.use_ema,
-        **{f"eval.psnr_gap.{k}": v for k, v in cfg.eval.psnr_gap.model_dump().items()},
+        **_flat("data", cfg.data.model_dump(exclude={"resolution"})),
+        **_flat("train", cfg.train.model_dump()),
+        **_flat("eval", cfg.eval.model_dump()),
     }
+
+
+def _flat(prefix: str, values: dict) -> dict:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}"""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(f"{prefix}.{key}", value))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
 
 
 # MLflow's HTTP client retries for minutes before giving up, blocking training meanwhile; keep
