@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ditsweep.estimate import plan_summary
 from ditsweep.spec import SpecError, Sweep, TrialConfig, expand, load_sweep
 
 
@@ -34,23 +35,6 @@ def trial_table(trials: list[TrialConfig], results: dict[str, dict] | None = Non
 
 def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
-    """Trial count, resources, and the compute the sweep will take at the YAML's steps/s."""
-    r = sweep.resources
-    lines = [f"{len(trials)} trials x {sweep.train.steps} steps; per trial {r.cpus_per_trial:g} CPU, "
-             f"{r.gpus_per_trial:g} GPU; at most "
-             f"{r.max_concurrent_trials or 'as many as fit'} at once; {r.max_failures} restarts per trial"]
-    if r.steps_per_second:
-        hours = len(trials) * sweep.train.steps / r.steps_per_second / 3600
-        kind = "GPU" if r.gpus_per_trial else "CPU"
-        busy = hours * (r.gpus_per_trial or r.cpus_per_trial)
-        lines.append(f"estimate at {r.steps_per_second:g} steps/s per trial: {hours:,.1f} trial-hours "
-                     f"= {busy:,.1f} {kind}-hours of training (evaluation not included)")
-    else:
-        lines.append("no estimate: set resources.steps_per_second to the measured training speed")
-    return "\n".join(lines)
 
 
 def storage_path(sweep: Sweep) -> str:
