@@ -4,6 +4,7 @@
   k = 3..13 against global attention (CPU, the torch neighborhood path);
 - training steps/s and images/s of the smoke sweep's models.
 Ratios are only meaningful within one run on one machine.
+`--gpu` measures a GPU instead and writes its calibration file (see ditsweep/bench_gpu.py).
 """
 
 import argparse
@@ -117,7 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m ditsweep.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", default="sweeps/smoke.yaml")
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    parser.add_argument("--gpu", action="store_true",
+                        help="measure this GPU and write its calibration file (ditsweep/bench_gpu.py; "
+                             "`--gpu --help` lists its options)")
+    args, rest = parser.parse_known_args()
+    if args.gpu:
+        from ditsweep.bench_gpu import run
+        return run(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     bench_attention()
     slowest = bench_training(args.sweep, args.steps)
     bench_loader(slowest)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 
 from ditsweep.data import dataset_size, parse_dataset_uri
 from ditsweep.models import PRESETS, LayoutError, layout_to_str, resolve_layout
+from ditsweep.weights import INCEPTION_ENV, check_weights_path
 
 
 class SpecError(Exception):
@@ -30,7 +31,9 @@ class Grid(Strict):
     """The axes whose cartesian product makes the trials."""
     model: list[str] = Field(min_length=1)
     layout: list[str | list[int | str]] = ["global"]
-    variant: list[Literal["standard", "weight-sharing"]] = ["standard"]
+    # weight-sharing: Appendix C's blocks 2, 4 reuse blocks 1, 3; pca-attention: the first blocks
+    # compose their maps from another trial's principal components (Eq. 7, see `inputs`)
+    variant: list[Literal["standard", "weight-sharing", "pca-attention"]] = ["standard"]
     n_train: list[int] = Field(min_length=1)
     seed: list[int] = [0]
     dataset: list[str] = ["builtin:photos"]
@@ -55,8 +58,12 @@ class TrainSettings(Strict):
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
     checkpoints_to_keep: int = Field(2, gt=0)
-    attention_backend: Literal["auto", "torch", "natten"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CUDA autocast
+    # auto: NATTEN's fused kernels on CUDA when libnatten is built, else the fastest exact
+    # fallback (see ditsweep.models.attention.choose_local_kernel); flex: compiled FlexAttention
+    attention_backend: Literal["auto", "torch", "natten", "flex"] = "auto"
+    # tf32: fp32 tensors, TF32 tensor-core matmuls/convs (the reference DiT code; the paper's runs);
+    # fp32: TF32 off everywhere; bf16: autocast to bfloat16 (fastest, drifts from the paper)
+    precision: Literal["tf32", "fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model (worth it on GPU only)
 
 
@@ -77,16 +84,21 @@ class FidSettings(Strict):
     reference_images: int = Field(50000, gt=1)     # the trial uses min(N, this) training images
     batch_size: int = Field(256, gt=0)             # for sampling and for the Inception network
     every: int = Field(0, ge=0)                    # also every this many steps (0: at the end only)
+    min_n_train: int = Field(0, ge=0)              # only trials with N >= this (paper: 10^4)
     # Local path or file:// URI of torch-fidelity's weights-inception-2015-12-05-6726825d.pth;
     # default $DITSWEEP_INCEPTION_WEIGHTS (set by the Docker images). Never downloaded.
     feature_extractor_weights_path: str | None = Field(None, validate_default=True)
 
+    def due_for(self, n_train: int) -> bool:
+        """Whether a trial of `n_train` training images computes FID (the paper: N >= 10^4)."""
+        return self.enabled and n_train >= self.min_n_train
+
     @field_validator("feature_extractor_weights_path")
     @classmethod
     def _weights_file(cls, value: str | None, info) -> str | None:
-        from ditsweep.eval.fid import INCEPTION_ENV, check_weights_path
         value = value or os.environ.get(INCEPTION_ENV) or None
-        if info.data.get("enabled"):
+        # A dry run (load_sweep(check_data=False)) plans on a machine without the weights file.
+        if info.data.get("enabled") and (info.context or {}).get("check_files", True):
             check_weights_path(value)  # ValueError naming eval.fid.feature_extractor_weights_path
         return value
 
@@ -105,8 +117,10 @@ class AttentionSettings(Strict):
 
 
 class JacobianSettings(Strict):
-    """Eigenvectors of the denoiser's Jacobian (Fig. 3); 8x8 and 16x16 images only."""
+    """Eigenvectors of the denoiser's Jacobian (Figs. 1, 3). On CPU evaluators (actors.gpus: 0)
+    images up to 16x16; on GPU evaluators 32x32 and larger, as memory allows."""
     enabled: bool = False
+    chunk: int | None = Field(None, gt=0)           # rows per backward pass; None: from free memory
     timesteps: list[int] = Field([100], min_length=1)
     num_eigenvalues: int = Field(64, gt=0)          # logged as the series jacobian_eigenvalue_t{t}
     num_eigenvectors: int = Field(16, gt=0)         # shown in the image grid
@@ -133,6 +147,27 @@ class SampleSettings(Strict):
     every: int = Field(0, ge=0)
 
 
+class AttentionPcaSettings(Strict):
+    """Stage 1 of Appendix C's PCA attention: principal components of the attention maps of the
+    first `blocks` blocks, on `num_images` test images noised to respaced `steps` of `respaced`;
+    stored as the artifact attention_pca/components.pt of the trial's run (DiT only)."""
+    enabled: bool = False
+    num_images: int = Field(2048, gt=0)
+    steps: list[int] = Field([10, 25, 40], min_length=1)
+    respaced: int = Field(50, gt=0)
+    blocks: int = Field(3, gt=0)
+    components: int = Field(50, gt=0)
+    every: int = Field(0, ge=0)
+
+
+class ArtifactInput(Strict):
+    """An artifact of another sweep's trial that this sweep needs (a sweep refuses to start
+    while it is missing)."""
+    experiment: str                 # the MLflow experiment of the sweep that made it
+    trial: str                      # that sweep's trial name, e.g. 000_DiT-XS-1_global_N100000_s43
+    artifact: str                   # path in the trial's run, e.g. attention_pca/components.pt
+
+
 class EvalActorSettings(Strict):
     """The pool of evaluation actors. `cpus: 0` reserves nothing, so on a laptop the actors share
     the trials' cores and can never keep a trial from being scheduled; on a cluster reserve real
@@ -140,7 +175,12 @@ class EvalActorSettings(Strict):
     count: int = Field(2, gt=0)
     cpus: float = Field(0, ge=0)
     gpus: float = Field(0, ge=0)
-    max_retries: int = Field(2, ge=0)               # re-runs of a job whose actor died
+    max_retries: int = Field(2, ge=0)               # re-runs of a job whose actor died or hung
+    # A job's deadline: max(deadline_min_s, deadline_scale x its estimated time, from its images,
+    # steps and metrics; see ditsweep/eval/deadline.py); past it the actor is killed and replaced.
+    # 0 turns deadlines off.
+    deadline_scale: float = Field(3.0, ge=0)
+    deadline_min_s: float = Field(300.0, gt=0)
 
 
 class EvalSettings(Strict):
@@ -150,6 +190,7 @@ class EvalSettings(Strict):
     attention: AttentionSettings = AttentionSettings()
     jacobian: JacobianSettings = JacobianSettings()
     samples: SampleSettings = SampleSettings()
+    attention_pca: AttentionPcaSettings = AttentionPcaSettings()
     actors: EvalActorSettings = EvalActorSettings()
 
 
@@ -159,6 +200,8 @@ class Resources(Strict):
     max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the resources allow
     max_failures: int = Field(2, ge=0)  # restarts of a crashed trial, each from its last checkpoint
     steps_per_second: float | None = Field(None, gt=0)  # measured speed, for --dry-run's estimate
+    # GPU model the trials run on (e.g. "NVIDIA H100 80GB HBM3"): picks --dry-run's calibration file
+    gpu: str | None = None
 
 
 class Tracking(Strict):
@@ -170,12 +213,17 @@ class Sweep(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     grid: Grid
+    # More grids whose products are added to grid's: for a sweep that is not one product, e.g.
+    # Table 5 (global, local, and global with weight sharing or PCA attention; no local+sharing)
+    include: list[Grid] = []
     data: DataSettings = DataSettings()
     train: TrainSettings
     eval: EvalSettings = EvalSettings()
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
     storage_path: str | None = None  # Tune storage; default ./ray_results
+    # Artifacts of other sweeps' trials, by role: `pca_components` (variant pca-attention)
+    inputs: dict[Literal["pca_components"], ArtifactInput] = {}
 
     @field_validator("name")
     @classmethod
@@ -202,6 +250,11 @@ class TrialConfig(Strict):
     tracking_uri: str
     experiment: str
     parent_run_id: str | None = None
+    inputs: dict[str, ArtifactInput] = {}
+    # Set by ditsweep.run: the trial identity (ditsweep.identity) and the sweep's storage path,
+    # under which the trial keeps its checkpoints (ditsweep.checkpoints).
+    identity: str | None = None
+    storage: str | None = None
 
 
 def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
@@ -218,41 +271,62 @@ def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep file must be a mapping of fields, got {type(raw).__name__}")
     try:
-        sweep = Sweep.model_validate(_expand_env(raw, path, ()))
+        sweep = Sweep.model_validate(_expand_env(raw, path, ()), context={"check_files": check_data})
     except ValidationError as e:
         raise SpecError(_explain(path, e)) from None
+    _check_eval(sweep, path)
     expand(sweep, path, check_data)  # checks presets, layouts, datasets and N for every trial
     return sweep
 
 
 def expand(sweep: Sweep, path: str | Path = "<sweep>", check_data: bool = True) -> list[TrialConfig]:
-    """The grid's cartesian product as trial configs (UNets ignore the layout axis)."""
+    """The grid's cartesian product, then each `include` grid's, as trial configs (UNets ignore
+    the layout axis; a trial in several products is kept once)."""
     tracking_uri = resolve_tracking_uri(sweep.tracking.uri)
     trials, seen = [], set()
-    g = sweep.grid
-    lrs = g.lr or [sweep.train.lr]
-    for model, layout, variant, dataset, lr, n_train, seed in itertools.product(
-            g.model, g.layout, g.variant, g.dataset, lrs, g.n_train, g.seed):
+    grids = [sweep.grid, *sweep.include]
+    all_lrs = {lr for g in grids for lr in (g.lr or [sweep.train.lr])}
+    all_datasets = {d for g in grids for d in g.dataset}
+    for model, layout, variant, dataset, lr, n_train, seed in (
+            p for g in grids for p in itertools.product(
+                g.model, g.layout, g.variant, g.dataset, g.lr or [sweep.train.lr], g.n_train, g.seed)):
         arch, layout_name, layout_str = _resolve_model(path, model, layout, sweep.data.resolution)
         key = (model, layout_str, variant, dataset, lr, n_train, seed)
         if key in seen:  # a UNet repeated once per layout of the grid
             continue
         seen.add(key)
         _check_dataset(path, dataset, n_train, sweep, check_data)
+        if variant == "pca-attention" and (arch != "dit" or "pca_components" not in sweep.inputs):
+            raise SpecError(f"{path}: grid.variant: 'pca-attention' needs a DiT preset (not {model!r}) "
+                            "and inputs.pca_components (stage 1's artifact)")
         if variant == "weight-sharing" and arch != "dit":
             raise SpecError(f"{path}: grid.variant: 'weight-sharing' applies to DiT presets only, "
                             f"not {model!r}")
         name_parts = [model.replace("/", "-"), layout_name, variant if variant != "standard" else "",
-                      _dataset_tag(dataset) if len(g.dataset) > 1 else "",
-                      f"lr{lr:g}" if len(lrs) > 1 else "", f"N{n_train}", f"s{seed}"]
+                      _dataset_tag(dataset) if len(all_datasets) > 1 else "",
+                      f"lr{lr:g}" if len(all_lrs) > 1 else "", f"N{n_train}", f"s{seed}"]
         trials.append(TrialConfig(
             sweep=sweep.name, trial=f"{len(trials):03d}_" + "_".join(p for p in name_parts if p),
             model=model, arch=arch, layout_name=layout_name, layout=layout_str, variant=variant,
             n_train=n_train, seed=seed, dataset=dataset, data=sweep.data,
             train=sweep.train.model_copy(update={"lr": lr}),
             eval=sweep.eval, resources=sweep.resources, tracking_uri=tracking_uri,
+            inputs=sweep.inputs if variant == "pca-attention" else {},
             experiment=sweep.tracking.experiment or sweep.name))
     return trials
+
+
+JACOBIAN_CPU_MAX_RESOLUTION = 16  # 768 backward passes and a 768x768 eigh at 16x16 RGB
+
+
+def _check_eval(sweep: Sweep, path) -> None:
+    """Limits that depend on several sections: a Jacobian above 16x16 needs GPU evaluators
+    (3072 backward passes at 32x32 take too long on a CPU)."""
+    r, e = sweep.data.resolution, sweep.eval
+    if e.jacobian.enabled and not e.actors.gpus and r > JACOBIAN_CPU_MAX_RESOLUTION:
+        raise SpecError(f"{path}: eval.jacobian.enabled: Jacobians of {r}x{r} images need GPU "
+                        f"evaluators (eval.actors.gpus > 0); on CPU the limit is "
+                        f"{JACOBIAN_CPU_MAX_RESOLUTION}x{JACOBIAN_CPU_MAX_RESOLUTION} (data.resolution: {r})")
 
 
 def resolve_tracking_uri(configured: str | None) -> str:

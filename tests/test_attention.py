@@ -125,3 +125,68 @@ def test_window_must_fit_the_grid():
     q, k, v = qkv(1, 1, 4, 6, 8)
     with pytest.raises(ValueError, match="window 5"):
         neighborhood_attention(q, k, v, (4, 6), 5)
+
+
+# ---- the GPU paths, checked on CPU (issue 10) ------------------------------------------------
+
+def test_padded_sdpa_equals_unpadded_attention():
+    """Head size 63 (DiT-XS/1) padded to 64 with zeros, scale kept at 63**-0.5: the same
+    attention. Zero channels add exact zeros to every dot product, so only the summation order
+    of the matmul kernels can differ; on this CPU the result is bit-identical, and the bound
+    allows a few float32 ulps (values ~1) for kernels that block 64 differently from 63."""
+    from ditsweep.models.attention import padded_sdpa
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, 8, 8, 63))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = padded_sdpa(q, k, v)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-6
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(grads, ref_grads))
+    q64 = q.detach().double()  # float64: differences at the 1e-16 level only
+    assert (padded_sdpa(q64, q64, q64) - F.scaled_dot_product_attention(q64, q64, q64)).abs().max() <= 1e-12
+    x = torch.randn(2, 4, 16, 64)  # already a multiple of 8: plain SDPA, untouched
+    assert torch.equal(padded_sdpa(x, x, x), F.scaled_dot_product_attention(x, x, x))
+
+
+@pytest.mark.parametrize("height,width,k", [(8, 8, 3), (8, 8, 5), (6, 10, 3), (9, 20, 7)])
+def test_flex_block_mask_path_matches_tiled_path(height, width, k):
+    from ditsweep.models.attention import flex_block_mask, flex_neighborhood_attention
+    q, k_, v = qkv(2, 3, height, width, 63)
+    out = flex_neighborhood_attention(q, k_, v, flex_block_mask(height, width, k, "cpu"))
+    assert (out - neighborhood_attention(q, k_, v, (height, width), k)).abs().max() <= 1e-5
+
+
+def test_flex_backend_module_matches_torch_backend_and_compiles_in_one_graph():
+    from ditsweep.models import build_model
+    from ditsweep.models.attention import prepare_flex
+    torch.manual_seed(0)
+    flex = build_model("DiT-T/1", 8, 3, layout="local", attention_backend="flex")
+    tiled = build_model("DiT-T/1", 8, 3, layout="local", attention_backend="torch")
+    tiled.load_state_dict(flex.state_dict())
+    assert prepare_flex(flex, flex.grid, "cpu") == 3  # DiT-T/1 "local": 3,5,7,G,G,G
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 500])
+    with torch.no_grad():  # FlexAttention has no CPU backward
+        assert (flex(x, t) - tiled(x, t)).abs().max() <= 1e-5
+        explained = torch._dynamo.explain(flex)(x, t)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+
+
+def test_local_kernel_choice():
+    from ditsweep.models.attention import LOCAL_FALLBACK, choose_local_kernel
+    # CPU: unchanged ("auto" -> tiled torch path; an explicit backend is kept)
+    assert choose_local_kernel("auto", "cpu", "bf16", False) == ("torch", None)
+    assert choose_local_kernel("natten", "cpu", "fp32", False) == ("natten", None)
+    # CUDA with libnatten: NATTEN's fused kernels, whatever the precision
+    for precision in ("tf32", "fp32", "bf16"):
+        assert choose_local_kernel("auto", "cuda", precision, True) == ("natten", None)
+    # CUDA without libnatten: the measured fastest exact path, with a note; never NATTEN's dense Flex
+    assert LOCAL_FALLBACK == {"bf16": "flex", "fp32": "torch", "tf32": "torch"}
+    for backend in ("auto", "natten"):
+        kernel, note = choose_local_kernel(backend, "cuda", "bf16", False)
+        assert kernel == "flex" and "libnatten" in note and "FlexAttention" in note
+        kernel, note = choose_local_kernel(backend, "cuda", "tf32", False)
+        assert kernel == "torch" and "tiled" in note
+    assert choose_local_kernel("torch", "cuda", "bf16", False) == ("torch", None)
+    with pytest.raises(ValueError, match="unknown attention backend 'dense'"):
+        choose_local_kernel("dense", "cuda", "bf16", True)

@@ -65,6 +65,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
     assert run.info.status == "FINISHED"
     resumed = int(run.data.tags["ditsweep.resumed_from_step"])
     assert 0 < resumed < 240 and resumed % 40 == 0
+    assert run.data.tags["ditsweep.attempts"] == "2"  # a dead worker is transient: retried once
     assert_clean_history(client, run.info.run_id, "loss", list(range(10, 241, 10)))
 
 
@@ -132,17 +133,27 @@ def test_tracking_server_outage_loses_no_metric(tmp_path):
 def test_diverged_trial_fails_with_its_reason_and_the_sweep_finishes(tmp_path):
     sweep = tiny_sweep(name="diverge")
     sweep["grid"]["lr"] = [1e-3, 1e6]  # the second trial's learning rate blows the loss up
+    sweep["grid"]["seed"] = [0, 1]     # two trials diverge: the same failure, flagged
     sweep["train"]["steps"] = 30
-    sweep["resources"]["max_failures"] = 0
+    sweep["resources"]["max_failures"] = 3  # a deterministic failure is still not retried
     path = write_sweep(tmp_path, sweep)
     proc = subprocess.run([PYTHON, "-m", "ditsweep.run", str(path)], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "1/2 trials finished" in proc.stdout and "diverged" in proc.stdout
+    assert "2/4 trials finished" in proc.stdout and "diverged" in proc.stdout
+    assert "FAILED (deterministic, not retried): TrainingDiverged" in proc.stdout
+    assert "same failure in 2 trials (002_DiT-T-1_global_lr1e+06_N10_s0, 003_" in proc.stdout, proc.stdout
     client, runs, parents = trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "diverge")
-    status = {r.data.params["train.lr"]: r for r in runs}
-    assert status["0.001"].info.status == "FINISHED"
-    assert "psnr_gap_mean" in status["0.001"].data.metrics
-    failed = status["1000000.0"]
-    assert failed.info.status == "FAILED"
-    assert "diverged: loss is" in failed.data.tags["ditsweep.failure"]
+    assert len(runs) == 4
+    for run in runs:
+        lr = run.data.params["train.lr"]
+        if lr == "0.001":
+            assert run.info.status == "FINISHED"
+            assert "psnr_gap_mean" in run.data.metrics
+            assert run.data.tags["ditsweep.attempts"] == "1"
+        else:
+            assert run.info.status == "FAILED"
+            assert "diverged: loss is" in run.data.tags["ditsweep.failure"]
+            assert run.data.tags["ditsweep.failure_kind"] == "deterministic"
+            assert run.data.tags["ditsweep.attempts"] == "1"  # ran once, not 1 + max_failures times
+    assert parents[0].info.status == "FAILED"

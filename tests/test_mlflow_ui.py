@@ -1,14 +1,13 @@
 """The MLflow UI shows a sweep's runs and filters them by the ditsweep tags.
 
 The live `mlflow server` and the tiny real sweep are the ones of tests/test_report.py. Each page
-is loaded in headless Chromium (Debian's `chromium`, installed by .ci/run), which runs the UI's
-JavaScript and prints the resulting DOM; a screenshot of the sweep's trial list is kept in
-tests/artifacts/ for the CI run.
+is loaded in headless Chromium (Debian's `chromium`; tests/browser.py installs it when missing),
+which runs the UI's JavaScript and prints the resulting DOM; screenshots of the experiment page
+and of the trial list are kept in tests/artifacts/ for the CI run.
 """
 
 import html
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import urlencode
@@ -16,6 +15,7 @@ from urllib.parse import urlencode
 import matplotlib.image
 import pytest
 
+import browser
 from test_report import LAYOUTS, _runs_of, mlflow_server, served_sweep  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,7 @@ WINDOW = (1600, 1000)
 
 
 def _chromium(url: str, profile: Path, output: list[str], budget_ms: int) -> subprocess.CompletedProcess:
-    chromium = shutil.which("chromium")
-    assert chromium, "Chromium is not installed (.ci/run installs it: apt-get install chromium)"
+    chromium = browser.ensure()
     # A fresh profile per call and no background traffic: the page is all the browser loads.
     # --virtual-time-budget lets the UI's JavaScript fetch and render before the DOM or the
     # screenshot is taken (virtual time does not advance while requests are pending).
@@ -65,10 +64,28 @@ def _names(served_sweep) -> dict[str, list[str]]:
     return {c: sorted(r.info.run_name for r in _runs_of(served_sweep, LAYOUTS[c])) for c in LAYOUTS}
 
 
-def test_experiment_page_shows_the_sweep(served_sweep, tmp_path):
-    text = _page_text(_runs_page(served_sweep), tmp_path, [served_sweep.experiment, "matching runs"])
-    assert served_sweep.experiment in text  # the sweep's parent run, with its trials nested
-    assert re.search(r"\b5 matching runs", text), text[-1500:]  # 1 sweep run + 4 trial runs
+def test_experiment_page_opens_on_the_trials(served_sweep, tmp_path):
+    """A person opens the experiment's own URL (what `mlflow ui` links to) and sees the trials.
+
+    MLflow 3.17's UI picks GenAI or model-training pages from a per-browser switch (default
+    GenAI), not from the experiment's kind tag; a fresh browser therefore lands on the GenAI
+    overview once, where the person clicks "Model training" (the browser keeps that choice).
+    From then on the plain URL opens on the runs table, every trial a row of its own."""
+    names = _names(served_sweep)
+    trials = names["global"] + names["local"]
+    plain = f"{served_sweep.url}/#/experiments/{served_sweep.experiment_id}"
+    with browser.Page(tmp_path / "profile-person") as page:
+        page.open(plain, until=lambda p: "Model training" in p.text() and "/experiments/" in p.url())
+        if "workflowType=genai" in page.url():  # the first visit of a fresh browser
+            clicked = page.evaluate("""(() => { const el = [...document.querySelectorAll('[role=button]')]
+                .find(e => e.innerText.trim() === 'Model training'); if (el) el.click(); return !!el; })()""")
+            assert clicked, page.text()[-1500:]
+        page.open(plain, until=lambda p: "/runs" in p.url() and all(n in p.text() for n in trials))
+        assert re.search(r"\b5 matching runs", page.text())  # 1 sweep run + 4 trial runs
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(ARTIFACTS / "mlflow_experiment_page.png")
+    image = matplotlib.image.imread(ARTIFACTS / "mlflow_experiment_page.png")
+    assert image[..., :3].std() > 0.05  # a rendered page, not a blank one
 
 
 def test_trial_list_shows_every_trial_and_is_screenshotted(served_sweep, tmp_path):

@@ -55,7 +55,8 @@ def test_tags_of_every_preset_layout_name_it():
 def test_trial_tags_answer_the_questions_people_filter_by():
     tags = trial_tags("DiT-XS/1", "dit", "G,G,G,G,G,G,3,5,7,9,11,13", "local-tail", 10000,
                       "s3://bucket/celeba32/?seed=2", "standard")
-    assert tags == {"ditsweep.dataset": "celeba32", "ditsweep.n_train": "10000",
+    assert tags == {"ditsweep.dataset": "s3://bucket/celeba32/?seed=2",
+                    "ditsweep.dataset_name": "celeba32", "ditsweep.n_train": "10000",
                     "ditsweep.layout_family": "tail", "ditsweep.window_config": "local",
                     "ditsweep.layout": "local-tail: G*6,3,5,7,9,11,13", "ditsweep.model": "DiT-XS/1",
                     "ditsweep.variant": "standard"}
@@ -186,6 +187,72 @@ def test_report_of_a_sweep_without_paper_cells_says_which_tables_are_empty(tmp_p
         assert f"{title}:" in md
     assert md.count("No data: this sweep has none of this table's layouts") == 3
     assert "No cell of this sweep has a counterpart in the paper" in md
+
+
+def test_table5_and_dagger_rows_beside_the_papers_runs(tmp_path):
+    """Table 5's rows are (layout, variant) pairs; trials with seed 143 (batch 128) are Table 1's
+    dagger rows, compared with the paper's dagger runs, on another shuffle of the same dataset."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fid = {("global", "standard"): 10.0, ("local", "standard"): 8.0,
+           ("global", "weight-sharing"): 9.0, ("global", "pca-attention"): 12.0}
+    trials = []
+    for (config, variant), value in fid.items():
+        for n in (10000, 100000):
+            trials.append(dict(trial=f"{len(trials):03d}_{config}_{variant}_N{n}", model="DiT-XS/1",
+                               arch="dit", layout_name=config, layout=XS_LAYOUTS[config], variant=variant,
+                               n_train=n, seed=43, dataset="s3://bucket/celeba32", status="FINISHED",
+                               metrics={"fid": value / (1 if n == 10000 else 4), "psnr_gap_mean": 1.0}))
+    for config, value in (("global", 11.0), ("local", 9.0)):
+        trials.append(dict(trial=f"{len(trials):03d}_{config}_dagger", model="DiT-XS/1", arch="dit",
+                           layout_name=config, layout=XS_LAYOUTS[config], variant="standard",
+                           n_train=10000, seed=143, dataset="s3://bucket/celeba32-shuffle1",
+                           status="FINISHED", metrics={"fid": value, "psnr_gap_mean": 2.0}))
+    _log_sweep(uri, "t5", trials)
+    out = tmp_path / "report"
+    md = write_report("t5", uri, str(out), reference="paper", log_artifacts=False).read_text()
+
+    t5 = pd.read_csv(out / "table5.csv").query("metric == 'fid' and model == 'DiT-XS/1'")
+    values = t5[t5.row == "value"].set_index(["configuration", "n_train"])["mean"]
+    assert values[("global+pca-attention", 10000)] == 12.0 and values[("global+weight-sharing", 100000)] == 2.25
+    pct = t5[t5.row == "pct_change"].set_index(["configuration", "n_train"])["display"]
+    assert pct[("global+pca-attention", 10000)] == "+20.00%"
+    assert "| DiT-XS/1 | w/ PCA | 12.0000 | 3.0000 |" in md
+    assert "| DiT-XS/1 | w/ Weight Sharing | 9.0000 | 2.2500 |" in md
+
+    t1 = pd.read_csv(out / "table1.csv").query("metric == 'fid' and row == 'value'")
+    dagger = t1[t1.model == "DiT-XS/1 †"].set_index(["configuration", "n_train"])
+    assert dagger.loc[("local", 10000), "mean"] == 9.0 and dagger.loc[("local", 10000), "dataset"] == "celeba32"
+    assert "| DiT-XS/1 † | w/ Local | 9.0000 |" in md
+
+    cmp = pd.read_csv(out / "paper_comparison.csv").set_index(["model", "configuration", "n_train"])
+    assert cmp.loc[("DiT-XS/1", "global+pca-attention", 10000), "paper_fid"] == 11.3872
+    assert cmp.loc[("DiT-XS/1", "global+pca-attention", 10000), "direction"] == \
+        "agrees (sweep higher, paper higher than global)"
+    assert cmp.loc[("DiT-XS/1 †", "local", 10000), "paper_fid"] == 8.4258   # the paper's dagger run
+    assert cmp.loc[("DiT-XS/1 †", "local", 10000), "direction"] == \
+        "agrees (sweep lower, paper lower than global)"
+
+
+def test_claims_of_a_small_sweep_count_the_agreeing_seeds(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gaps = {("global", 10): [5.0, 6.0], ("local", 10): [4.0, 7.0], ("local-tail", 10): [6.0, 8.0],
+            ("global", 1000): [1.0, 1.0], ("local", 1000): [0.5, 0.6], ("local-tail", 1000): [0.4, 0.9]}
+    layouts = {"local-tail": "G,G,G,3,5,7", **LAYOUTS}
+    trials = [dict(trial=f"{c}_N{n}_s{s}", model="DiT-T/1", arch="dit", layout_name=c, layout=layouts[c],
+                   variant="standard", n_train=n, seed=s, dataset="builtin:photos", status="FINISHED",
+                   metrics={"psnr_gap_mean": g[s]})
+              for (c, n), g in gaps.items() for s in (0, 1)]
+    _log_sweep(uri, "claims", trials)
+    out = tmp_path / "report"
+    md = write_report("claims", uri, str(out), log_artifacts=False).read_text()
+    claims = pd.read_csv(out / "claims.csv").set_index("claim")
+    assert claims.loc["memorisation at tiny N", "agreeing"] == "6/6"
+    assert claims.loc["memorisation at tiny N", "verdict"] == "agrees"
+    assert claims.loc["local attention helps at small N", "agreeing"] == "1/2"   # seed 1: 7 > 6
+    assert claims.loc["local attention helps at small N", "verdict"] == "disagrees"
+    assert claims.loc["head better than tail", "agreeing"] == "3/4"              # N=1000 seed 0 not
+    assert claims.loc["head better than tail", "verdict"] == "agrees mostly"
+    assert "## The paper's claims this sweep can test" in md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +476,8 @@ def test_rest_search_filters_the_sweeps_runs_by_tag(served_sweep):
     assert _search(url, exp, "tags.`ditsweep.layout_family` = 'head'") == names["local"]
     assert _search(url, exp, "tags.`ditsweep.layout_family` = 'global' and "
                              "tags.`ditsweep.n_train` = '10'") == names["global"]
-    assert _search(url, exp, "tags.`ditsweep.dataset` = 'photos'") == trials
+    assert _search(url, exp, "tags.`ditsweep.dataset` = 'builtin:photos'") == trials
+    assert _search(url, exp, "tags.`ditsweep.dataset_name` = 'photos'") == trials
     assert _search(url, exp, "tags.`ditsweep.window_config` = 'local'") == names["local"]
     assert _search(url, exp, "tags.`ditsweep.layout` = 'local: 3,5,7,G*3'") == names["local"]
     assert _search(url, exp, "tags.`ditsweep.layout_family` = 'tail'") == []

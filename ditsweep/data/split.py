@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from ditsweep.data.builtin import BUILTIN_NAMES, builtin_size, load_builtin
@@ -170,3 +171,8 @@ def check_split(uri: str, size: int, n_train: int, n_test: int) -> None:
     if n_train < 1 or n_train + n_test > size:
         raise ValueError(f"dataset {uri!r} holds {size} images: n_train={n_train} plus "
                          f"{n_test} test images does not fit")
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1], the range the models work in."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

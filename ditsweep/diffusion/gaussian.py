@@ -9,6 +9,7 @@ Schedule constants are numpy float64 (as in the reference code: float32 cumulati
 lose precision near t = T); they are gathered at t and cast to float32 on the tensor's device.
 """
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -25,10 +26,24 @@ def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+_ON_DEVICE: dict = {}  # (id(arr), device) -> (weakref to arr, its copy on that device)
+
+
 def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """arr[t] as a float32 tensor shaped [B, 1, ..., 1] for broadcasting against ndim dims."""
-    out = torch.from_numpy(arr).to(t.device)[t].float()
-    return out.view(-1, *([1] * (ndim - 1)))
+    return _device_copy(arr, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
+
+
+def _device_copy(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """arr as a tensor on `device`, copied once: a host-to-device copy waits for the GPU stream,
+    and the training step gathers schedule constants several times per step."""
+    if device.type == "cpu":
+        return torch.from_numpy(arr)  # shares memory; no copy to save
+    key = (id(arr), str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0]() is not arr:
+        hit = _ON_DEVICE[key] = (weakref.ref(arr), torch.from_numpy(arr).to(device))
+    return hit[1]
 
 
 class GaussianDiffusion:

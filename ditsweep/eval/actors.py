@@ -14,7 +14,8 @@ CPUs or a GPU fraction.
 
 The coordinator runs a trial's jobs one at a time in submission order (so MLflow sees a trial's
 evaluations in step order) and different trials' jobs in parallel on free workers. When a worker
-dies (killed, out of memory, node lost) it is replaced and the job re-run, at most
+dies (killed, out of memory, node lost), or a job passes its deadline (eval/deadline.py: scaled
+from its images, steps and metrics), the worker is killed and replaced and the job re-run, at most
 `eval.actors.max_retries` times; a job that still fails, or that raises, is recorded in the run
 (tag `ditsweep.eval_failure`, with the reason) and never fails the training. Values are logged
 only after a job succeeded, and a (metric, step) already in the run is never logged again.
@@ -32,6 +33,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from ditsweep.eval.deadline import job_deadline
 from ditsweep.eval.jobs import METRICS, EvalJob, EvalResult, metrics_due, process_info, run_job
 from ditsweep.spec import EvalActorSettings, Sweep, TrialConfig
 
@@ -80,17 +82,23 @@ class EvalCoordinator:
         self.trial_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.running: dict[str, dict] = {}
         self.counts: Counter = Counter()
+        self.per_trial: dict[str, Counter] = defaultdict(Counter)  # queued/running/done/failed
 
     async def ready(self) -> list[dict]:
         """Wait until every worker runs (holds its resources); returns their pid/host/device."""
         return list(await asyncio.gather(*(w.info for w in self.workers)))
 
     async def status(self) -> dict:
-        return {"running": dict(self.running), "counts": dict(self.counts)}
+        return {"running": dict(self.running), "counts": dict(self.counts),
+                "trials": {name: dict(c) for name, c in self.per_trial.items()}}
 
     async def evaluate(self, job: EvalJob) -> EvalResult:
         """Run one job (retrying on a dead worker), log its values to the trial's run, return it."""
+        jobs = self.per_trial[job.trial["trial"]]  # for the progress view
+        jobs["queued"] += 1
         async with self.trial_locks[job.trial["trial"]]:  # asyncio.Lock wakes waiters in FIFO order
+            jobs["queued"] -= 1
+            jobs["running"] += 1
             result = await self._run_with_retries(job)
             try:
                 await asyncio.to_thread(record_result, job, result)
@@ -98,24 +106,34 @@ class EvalCoordinator:
                 log.error("could not log evaluation %s to MLflow: %s", job.name, e)
                 result.failures["mlflow"] = f"{type(e).__name__}: {e}"
             self.counts["jobs"] += 1
+            jobs["running"] -= 1
+            jobs["failed" if result.failures else "done"] += 1
             return result
 
     async def _run_with_retries(self, job: EvalJob) -> EvalResult:
         reasons = []
+        # A hung job (a stuck collective, NFS, a deadlock) would wait forever: past its deadline,
+        # scaled from its size, its actor is killed and replaced and the job retried.
+        deadline = await asyncio.to_thread(job_deadline, job.trial, job.metrics, self.settings)
+        started = time.monotonic()
         for attempt in range(1, self.settings.max_retries + 2):
             worker = await self.idle.get()
             try:
-                self.running[job.name] = {**await worker.info, "attempt": attempt}
-                result = await worker.handle.run.remote(job)
+                self.running[job.name] = {**await worker.info, "attempt": attempt, "deadline_s": deadline}
+                result = await asyncio.wait_for(
+                    asyncio.wrap_future(worker.handle.run.remote(job).future()), deadline)
             except RayActorError as e:
                 # The worker process is gone: replace it and run the job again on a live one.
                 reasons.append(f"attempt {attempt}: evaluation actor died ({_first_line(e)})")
                 log.warning("evaluation %s: %s", job.name, reasons[-1])
-                self.counts["workers_replaced"] += 1
-                self.workers.remove(worker)
-                ray.kill(worker.handle, no_restart=True)  # in case it is only unreachable
-                worker = _Worker(self.settings)
-                self.workers.append(worker)
+                worker = self._replace(worker)
+                continue
+            except asyncio.TimeoutError:
+                reasons.append(f"attempt {attempt}: no result within its deadline of {deadline:.0f} s, "
+                               f"actor killed")
+                log.warning("evaluation %s: %s", job.name, reasons[-1])
+                self.counts["deadlines_missed"] += 1
+                worker = self._replace(worker)
                 continue
             except Exception as e:  # the job itself raised (e.g. its weights were lost): no retry
                 self.counts["failed_jobs"] += 1
@@ -128,8 +146,19 @@ class EvalCoordinator:
             self.counts["retried_jobs"] += attempt > 1
             return result
         self.counts["failed_jobs"] += 1
-        return EvalResult(step=job.step, final=job.final, attempts=len(reasons),
-                          failures={"job": f"gave up after {len(reasons)} attempts: " + "; ".join(reasons)})
+        took = time.monotonic() - started
+        return EvalResult(step=job.step, final=job.final, attempts=len(reasons), seconds={"job": took},
+                          failures={"job": f"gave up after {len(reasons)} attempts in {took:.0f} s: "
+                                           + "; ".join(reasons)})
+
+    def _replace(self, worker: "_Worker") -> "_Worker":
+        """Kill a dead, unreachable or hung worker and start another in its place."""
+        self.counts["workers_replaced"] += 1
+        self.workers.remove(worker)
+        ray.kill(worker.handle, no_restart=True)  # SIGKILL: works on a hung (even stopped) process
+        replacement = _Worker(self.settings)
+        self.workers.append(replacement)
+        return replacement
 
     async def shutdown(self) -> None:
         for worker in self.workers:
@@ -137,27 +166,21 @@ class EvalCoordinator:
 
 
 def record_result(job: EvalJob, result: EvalResult) -> None:
-    """Log a finished job's values to the trial's run, skipping any (metric, step) the run already
-    has (a job re-run after a trial restart must not log twice), and record failures and retries."""
-    from mlflow.entities import Metric
+    """Log a finished job's values to the trial's run (a (metric, step) the run already has is
+    skipped: a job re-run after a trial restart must not log twice), and record failures."""
     from mlflow.tracking import MlflowClient
 
-    from ditsweep.tracking.mlflow_runs import _log_batch, retrying
+    from ditsweep.tracking.run_logger import RunLogger, log_batch
 
     client = MlflowClient(job.trial["tracking_uri"])
-    values = {(key, job.step): v for key, v in result.scalars.items()}
-    values.update({(f"eval_seconds_{name}", job.step): s for name, s in result.seconds.items()})
-    values[("eval_attempts", job.step)] = result.attempts
+    logger = RunLogger(client, job.run_id)
+    logger.add(result.scalars, job.step)
+    logger.add({f"eval_seconds_{name}": s for name, s in result.seconds.items()}, job.step)
+    logger.add({"eval_attempts": result.attempts}, job.step)
     for key, (steps, series) in result.series.items():
-        values.update({(key, int(s)): v for s, v in zip(steps, series)})
-
-    logged = retrying(lambda: client.get_run(job.run_id), "get run").data.metrics
-    existing: set[tuple[str, int]] = set()
-    for key in {k for k, _ in values} & set(logged):
-        history = retrying(lambda: client.get_metric_history(job.run_id, key), "history")
-        existing.update((key, m.step) for m in history)
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, s) for (k, s), v in sorted(values.items()) if (k, s) not in existing]
+        for step, value in zip(steps, series):
+            logger.add({key: value}, step)
+    logger.send()
     tags = {}
     if result.evaluator:
         tags = {"ditsweep.evaluator_pid": str(result.evaluator["pid"]),
@@ -166,7 +189,8 @@ def record_result(job: EvalJob, result: EvalResult) -> None:
         where = f"step {job.step}{' (final)' if job.final else ''}"
         reasons = "; ".join(f"{where} {name}: {reason}" for name, reason in result.failures.items())
         tags[FAILURE_TAG] = reasons[:5000]
-    _log_batch(client, job.run_id, metrics=batch, tags=tags)
+    if tags:
+        log_batch(client, job.run_id, tags=tags)
 
 
 class Evaluator:
@@ -185,7 +209,7 @@ class Evaluator:
 
     def submit(self, model: torch.nn.Module, step: int, final: bool = False) -> bool:
         """Queue the metrics due at `step` on a copy of the weights; False if none are due."""
-        metrics = metrics_due(self.cfg.eval, step, final)
+        metrics = metrics_due(self.cfg.eval, step, final, self.cfg.n_train)
         if not metrics:
             return False
         self._limit_pending()
@@ -225,6 +249,16 @@ class Evaluator:
                     log.exception("could not record the evaluation pool's failure in MLflow")
         self.pending.clear()
         return results[-1] if submitted and results else None
+
+
+def evaluate_saved(pool, cfg: TrialConfig, run_id: str, state_dict: dict, step: int,
+                   metrics: list[str]) -> ray.ObjectRef:
+    """An evaluation-only job: `metrics` of saved weights, no training (e.g. FID added to the YAML
+    of a trial reused from a run that lacks it). The pool logs the values to `run_id`; the
+    returned reference resolves to the EvalResult."""
+    job = EvalJob(trial=cfg.model_dump(), run_id=run_id, step=step, final=True, metrics=metrics,
+                  weights=ray.put(state_dict))
+    return pool.evaluate.remote(job)
 
 
 def start_pool(sweep: Sweep, local: bool | None = None):

@@ -10,9 +10,11 @@ The Jacobian is not symmetric in general. We decompose its symmetric part (J + J
 `torch.linalg.eigh`, which gives real eigenvalues and orthonormal eigenvectors that can be shown
 as images, and report ||J - J^T|| / ||J|| so one can see how much that discards.
 
-Limit: images of at most 16x16 pixels (8x8 and 16x16 are the intended sizes). A C x H x W image
-needs D = C*H*W backward passes and a D x D matrix: 192 at 8x8, 768 at 16x16 RGB; at 32x32 it
-would be 3072 passes per timestep, too slow for an evaluation job on a CPU.
+Size: a C x H x W image needs D = C*H*W rows and a D x D matrix: 192 at 8x8, 768 at 16x16 and
+3072 at 32x32 RGB. On a CPU, 32x32 is too slow for an evaluation job; the sweep schema refuses
+it there (spec.JACOBIAN_CPU_MAX_RESOLUTION, checked when the sweep is loaded). On a GPU the rows
+go `chunk` copies of the image per backward pass, with the chunk chosen from the free memory
+(`auto_chunk`, halved again on an out-of-memory error), and `eigh` runs on the GPU.
 """
 
 from collections.abc import Callable
@@ -22,43 +24,85 @@ import torch
 
 from ditsweep.diffusion import create_diffusion
 
-MAX_RESOLUTION = 16
+MAX_CPU_RESOLUTION = 16
+CPU_CHUNK = 64
+MEMORY_FRACTION = 0.6  # of the free GPU memory one chunk may take (activations of B copies)
 
 
-def check_resolution(height: int, width: int) -> None:
-    if max(height, width) > MAX_RESOLUTION:
-        raise ValueError(f"Jacobian eigenvectors are computed for images up to {MAX_RESOLUTION}x"
-                         f"{MAX_RESOLUTION} only (8x8: 192 and 16x16: 768 RGB dimensions), not "
-                         f"{height}x{width}; set eval.jacobian.enabled: false for this sweep")
+def check_resolution(height: int, width: int, device: torch.device | str = "cpu") -> None:
+    if torch.device(device).type == "cpu" and max(height, width) > MAX_CPU_RESOLUTION:
+        raise ValueError(f"Jacobian eigenvectors on a CPU are computed for images up to "
+                         f"{MAX_CPU_RESOLUTION}x{MAX_CPU_RESOLUTION} only (8x8: 192 and 16x16: 768 "
+                         f"RGB dimensions), not {height}x{width}; use GPU evaluators "
+                         "(eval.actors.gpus) or set eval.jacobian.enabled: false")
 
 
-def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def chunk_for_memory(bytes_per_row: float, free_bytes: float, rows: int,
+                     fraction: float = MEMORY_FRACTION) -> int:
+    """Rows per backward pass that fit `fraction` of the free memory, between 1 and `rows`."""
+    return int(max(1, min(rows, fraction * free_bytes // max(bytes_per_row, 1.0))))
+
+
+def auto_chunk(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probe: int = 8) -> int:
+    """The chunk size for `jacobian(fn, x)`: on CUDA from the peak memory of one probe pass of
+    `probe` rows and the free memory; on a CPU a fixed 64."""
+    rows = fn(x[None].detach()).numel()
+    if x.device.type != "cuda":
+        return min(CPU_CHUNK, rows)
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    _rows(fn, x, torch.arange(min(probe, rows), device=x.device), rows)
+    per_row = (torch.cuda.max_memory_allocated(x.device) - base) / min(probe, rows)
+    free, _ = torch.cuda.mem_get_info(x.device)
+    return chunk_for_memory(per_row, free, rows)
+
+
+def _rows(fn, x: torch.Tensor, index: torch.Tensor, d_out: int) -> torch.Tensor:
+    """Rows `index` of the Jacobian: len(index) copies of x in one forward and backward pass."""
+    xb = x.expand(len(index), *x.shape).clone().requires_grad_(True)
+    out = fn(xb).reshape(len(index), d_out)
+    (grad,) = torch.autograd.grad(out.gather(1, index[:, None]).sum(), xb)
+    return grad.reshape(len(index), -1).detach()
+
+
+def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             chunk: int | None = CPU_CHUNK) -> torch.Tensor:
     """[D_out, D_in] Jacobian of fn at one input x (any shape, no batch dimension).
 
     fn maps a batch [B, *x.shape] to a batch of outputs and must treat batch items independently
     (true for DiT and UNet: LayerNorm and GroupNorm are per image). Rows are computed `chunk` at
     a time: B copies of x go through fn once, and the gradient of output i_b of copy b is row
     i_b. That is one forward and one backward pass per chunk instead of per row.
+
+    chunk=None picks it from the free memory (`auto_chunk`). A chunk that runs out of GPU memory
+    is halved and retried, so a first guess that was too large costs one pass, not the job.
     """
     x = x.detach()
-    d_in = x.numel()
     d_out = fn(x[None]).numel()
-    rows = []
-    for start in range(0, d_out, chunk):
+    chunk = chunk or auto_chunk(fn, x)
+    rows, start = [], 0
+    while start < d_out:
         index = torch.arange(start, min(start + chunk, d_out), device=x.device)
-        xb = x.expand(len(index), *x.shape).clone().requires_grad_(True)
-        out = fn(xb).reshape(len(index), d_out)
-        (grad,) = torch.autograd.grad(out.gather(1, index[:, None]).sum(), xb)
-        rows.append(grad.reshape(len(index), d_in).detach())
+        try:
+            rows.append(_rows(fn, x, index, d_out))
+        except torch.cuda.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            torch.cuda.empty_cache()
+            continue
+        start += len(index)
     return torch.cat(rows).float()
 
 
 def denoiser_jacobian(model: torch.nn.Module, x0: torch.Tensor, timestep: int, seed: int = 0,
-                      chunk: int = 64) -> torch.Tensor:
+                      chunk: int | None = CPU_CHUNK) -> torch.Tensor:
     """Jacobian [D, D] of x0_hat with respect to x_t, for one image x0 [C, H, W] in [-1, 1]
-    noised to `timestep` with noise drawn from `seed`."""
-    check_resolution(*x0.shape[-2:])
+    noised to `timestep` with noise drawn from `seed`; on the model's device (None: chunk from
+    the free memory)."""
     device = next(model.parameters()).device
+    check_resolution(*x0.shape[-2:], device)
     diffusion = create_diffusion()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + timestep))
     t1 = torch.tensor([timestep])
@@ -72,13 +116,14 @@ def denoiser_jacobian(model: torch.nn.Module, x0: torch.Tensor, timestep: int, s
     was_training = model.training
     model.eval()
     try:
-        return jacobian(x0_hat, x_t, chunk=chunk).cpu()
+        return jacobian(x0_hat, x_t, chunk=chunk)
     finally:
         model.train(was_training)
 
 
 def eigendecomposition(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of `jac`."""
+    """Eigenvalues (descending) and eigenvectors (columns) of the symmetric part of `jac`, on
+    the device of `jac` (float64: a 3072 x 3072 eigh takes about a second on a GPU)."""
     sym = 0.5 * (jac + jac.T).double()
     values, vectors = torch.linalg.eigh(sym)  # ascending
     return values.flip(0).float(), vectors.flip(1).float()

@@ -16,8 +16,10 @@ Metrics (each enabled and scheduled in the sweep's `eval:` section):
                and attention/maps_*.png, attention/query_*.png; DiT only (UNets are skipped)
     jacobian   jacobian_top_eigenvalue_t{t}, jacobian_asymmetry_t{t}, the leading eigenvectors as
                jacobian/eigenvectors_*.png; at the end the series jacobian_eigenvalue_t{t}
-               (step = rank, 0 = largest); images up to 16x16 only
+               (step = rank, 0 = largest) and jacobian/eigenvectors_t{t}.pt; above 16x16 on GPU
+               evaluators only
     samples    samples/samples_step*.png
+    attention_pca  attention_pca/components.pt (Appendix C stage 1) and attention_pca_explained
 """
 
 import logging
@@ -32,24 +34,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditsweep.data import load_split
+from ditsweep.data import load_split, to_model_range
 from ditsweep.eval import attention, fid, jacobian, samples
 from ditsweep.eval.psnr_gap import plot_psnr_gap, psnr_gap
 from ditsweep.models import build_model
+from ditsweep.models.pca_attention import pca_shape
 from ditsweep.spec import EvalSettings, TrialConfig
-from ditsweep.train.loop import to_model_range
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr_gap", "fid", "attention", "jacobian", "samples")
+METRICS = ("psnr_gap", "fid", "attention", "jacobian", "samples", "attention_pca")
 
 
-def metrics_due(settings: EvalSettings, step: int, final: bool) -> list[str]:
+def metrics_due(settings: EvalSettings, step: int, final: bool, n_train: int | None = None) -> list[str]:
     """The enabled metrics to compute at `step`: all of them at the end, otherwise those whose
-    `every` divides the step."""
+    `every` divides the step. FID only for trials with N >= fid.min_n_train (the paper reports
+    it at N = 10^4 and 10^5 only)."""
     due = []
     for name in METRICS:
         s = getattr(settings, name)
+        if name == "fid" and n_train is not None and not s.due_for(n_train):
+            continue
         if s.enabled and (final or (s.every and step % s.every == 0)):
             due.append(name)
     return due
@@ -92,7 +97,8 @@ def eval_model(cfg: TrialConfig, state_dict: dict, device: torch.device) -> torc
     backend = cfg.train.attention_backend if device.type == "cuda" else "torch"
     model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
                         layout=None if cfg.arch != "dit" else cfg.layout,
-                        weight_sharing=cfg.variant == "weight-sharing", attention_backend=backend)
+                        weight_sharing=cfg.variant == "weight-sharing", attention_backend=backend,
+                        pca_attention=pca_shape(state_dict))  # None unless variant pca-attention
     model.load_state_dict(state_dict)
     return model.to(device).eval().requires_grad_(False)
 
@@ -193,23 +199,49 @@ def _attention(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None
 def _jacobian(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
     s = ctx.cfg.eval.jacobian
     r = ctx.cfg.data.resolution
-    jacobian.check_resolution(r, r)
+    jacobian.check_resolution(r, r, ctx.device)  # the schema refuses > 16x16 on CPU evaluators
     train_u8, _ = ctx.split()
     x0 = to_model_range(train_u8[:1])[0]
     files = []
     for t in s.timesteps:
-        jac = jacobian.denoiser_jacobian(ctx.model, x0, t, seed=ctx.cfg.seed)
-        values, vectors = jacobian.eigendecomposition(jac)
+        # On the evaluator's device: a GPU computes the rows and the eigh of 32x32 images.
+        jac = jacobian.denoiser_jacobian(ctx.model, x0, t, seed=ctx.cfg.seed, chunk=s.chunk)
+        values, vectors = (v.cpu() for v in jacobian.eigendecomposition(jac))
         result.scalars[f"jacobian_top_eigenvalue_t{t}"] = values[0].item()
         result.scalars[f"jacobian_asymmetry_t{t}"] = jacobian.asymmetry(jac)
         if ctx.job.final:
             top = values[: s.num_eigenvalues].tolist()
             result.series[f"jacobian_eigenvalue_t{t}"] = (list(range(len(top))), top)
+            # The leading eigenvectors as data, for the report's DiT-vs-UNet figure (Figs. 1, 3).
+            pt = ctx.out / f"eigenvectors_t{t}.pt"
+            k = s.num_eigenvectors
+            torch.save({"values": values[:k].clone(), "vectors": vectors[:, :k].T.reshape(-1, *x0.shape).clone(),
+                        "timestep": t, "step": ctx.job.step}, pt)
+            files.append((pt, "jacobian"))
         png = ctx.out / f"eigenvectors_{ctx.tag}_t{t}.png"
         jacobian.plot_eigenvectors(values, vectors, tuple(x0.shape), s.num_eigenvectors,
                                    f"{ctx.title()}, t={t}", png)
         files.append((png, "jacobian"))
     return files
+
+
+def _attention_pca(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
+    """Stage 1 of Appendix C: principal components of the first blocks' attention maps on test
+    images, saved as attention_pca/components.pt for stage-2 sweeps (inputs.pca_components)."""
+    from ditsweep.eval import pca
+
+    if ctx.cfg.arch != "dit":
+        return []
+    s, c = ctx.cfg.eval.attention_pca, ctx.cfg
+    _, test_u8 = load_split(c.dataset, c.data.resolution, c.n_train, s.num_images)
+    found = pca.attention_components(ctx.model, to_model_range(test_u8).to(ctx.device), s.steps,
+                                     s.respaced, s.blocks, s.components, seed=c.seed)
+    result.scalars["attention_pca_explained"] = float(found.explained.mean())
+    path = ctx.out / "components.pt"
+    pca.save(found, path, source=f"{c.trial} step {ctx.job.step}")
+    png = ctx.out / f"components_{ctx.tag}.png"
+    pca.plot_components(found, f"{ctx.title()}: attention PCs (Fig. 13)", png)
+    return [(path, "attention_pca"), (png, "attention_pca")]
 
 
 def _samples(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]:
@@ -220,7 +252,7 @@ def _samples(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]]
 
 
 METRIC_FUNCTIONS = {"psnr_gap": _psnr_gap, "fid": _fid, "attention": _attention,
-                    "jacobian": _jacobian, "samples": _samples}
+                    "jacobian": _jacobian, "samples": _samples, "attention_pca": _attention_pca}
 
 
 def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None) -> EvalResult:

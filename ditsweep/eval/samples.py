@@ -32,9 +32,10 @@ def generate(model: torch.nn.Module, num_images: int, image_shape: tuple[int, in
     return torch.cat(out)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> None:
-    """A near-square grid of images [n, C, H, W] in [-1, 1], upscaled `scale`x (nearest) so that
-    8x8 samples are visible, with a 1-pixel border between tiles."""
+def save_grid(images: torch.Tensor, path: str | Path, min_width: int = 512) -> None:
+    """A near-square grid of images [n, C, H, W] in [-1, 1] with a 1-pixel border between tiles,
+    upscaled by a whole factor (nearest) to at least `min_width` pixels, so that 8x8 samples
+    are visible at a glance in the MLflow artifact view."""
     n, c, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -46,4 +47,5 @@ def save_grid(images: torch.Tensor, path: str | Path, scale: int = 4) -> None:
         r, col = divmod(i, cols)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = img
     image = Image.fromarray(grid)
+    scale = max(1, math.ceil(min_width / image.width))
     image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)

@@ -7,15 +7,60 @@ exactly k*k keys; a window as large as the grid is plain global attention. Two i
 - `natten_na2d`: NATTEN's kernels (CUDA; NATTEN's CPU build runs the forward only).
 - `neighborhood_attention`: plain PyTorch on tiles of queries, so its cost grows with N*k*k, not
   N*N. Used on CPU, for training without NATTEN, and to return attention maps.
+- `flex_neighborhood_attention`: FlexAttention with the clamped-window block mask; compiled on
+  CUDA, the fastest exact path in bf16 when NATTEN's CUDA library is missing.
+
+Global attention on CUDA pads the head size to a multiple of 8 (63 -> 64 for DiT-XS/1), the size
+the fused SDPA kernels take: an unpadded 63 falls back to a kernel 2.1-2.4x slower.
 """
 
 import functools
+import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "natten")
+BACKENDS = ("auto", "torch", "natten", "flex")
+log = logging.getLogger(__name__)
+
+# The local kernel on CUDA when NATTEN's CUDA library is missing, per precision: the faster of the
+# two exact paths in ../shared/gpu/results-h100-2026-11-26.txt (DiT-XS/1, local, batch 64, H100):
+# bf16: compiled Flex 11.17 steps/s vs torch tiled 8.90; fp32: torch tiled 4.40 vs Flex 2.41.
+# tf32 was not measured; it keeps fp32 tensors, so it follows fp32. Never NATTEN without
+# libnatten: that runs an uncompiled Flex that builds the dense N x N scores (3x slower).
+LOCAL_FALLBACK = {"bf16": "flex", "fp32": "torch", "tf32": "torch"}
+
+
+@functools.lru_cache(maxsize=1)
+def has_libnatten() -> bool:
+    """Whether NATTEN is importable with its compiled CUDA/C++ library."""
+    try:
+        import natten
+    except ImportError:
+        return False
+    return bool(getattr(natten, "HAS_LIBNATTEN", False))
+
+
+def choose_local_kernel(backend: str, device_type: str, precision: str,
+                        libnatten: bool) -> tuple[str, str | None]:
+    """The kernel of the neighborhood blocks: ("natten" | "flex" | "torch", note or None).
+
+    The note says why a requested or automatic NATTEN was replaced (for the log and MLflow).
+    On CPU nothing changes: "auto" runs the torch tiled path, "natten" NATTEN's CPU forward.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if device_type != "cuda":
+        return ("torch" if backend == "auto" else backend), None
+    if backend in ("auto", "natten"):
+        if libnatten:
+            return "natten", None
+        kernel = LOCAL_FALLBACK[precision]
+        return kernel, (f"natten's CUDA library (libnatten) is not available: local attention runs "
+                        f"the {'compiled FlexAttention' if kernel == 'flex' else 'torch tiled'} path "
+                        f"(fastest exact fallback for {precision})")
+    return backend, None
 
 
 def window_starts(length: int, kernel_size: int) -> torch.Tensor:
@@ -112,6 +157,60 @@ def _untile(x: torch.Tensor, grid: tuple[int, int], nh: int, nw: int, th: int, t
     return x[:, :, :height, :width].reshape(B, heads, height * width, C)
 
 
+@functools.lru_cache(maxsize=64)
+def flex_block_mask(height: int, width: int, kernel_size: int, device: str):
+    """FlexAttention BlockMask of NATTEN's clamped k x k window on a row-major height x width grid
+    (the mask measured as "flexc" in ../shared/gpu)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows = window_starts(height, kernel_size).to(device)
+    cols = window_starts(width, kernel_size).to(device)
+
+    def natten_window(b, h, q_idx, kv_idx):
+        r0, c0 = rows[q_idx // width], cols[q_idx % width]
+        kr, kc = kv_idx // width, kv_idx % width
+        return (kr >= r0) & (kr < r0 + kernel_size) & (kc >= c0) & (kc < c0 + kernel_size)
+
+    n = height * width
+    return create_block_mask(natten_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
+                                scale: float | None = None) -> torch.Tensor:
+    """Neighborhood attention through FlexAttention; q, k, v, output [B, heads, N, D].
+
+    `block_mask` from flex_block_mask. Compiled on CUDA (uncompiled Flex materialises the dense
+    scores); on CPU the eager Flex runs, which is enough to check the mask.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    flex = _compiled_flex() if q.is_cuda else flex_attention
+    return flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Global SDPA with the head size zero-padded to a multiple of `multiple`; q, k, v [B, heads, N, D].
+
+    Zero channels add nothing to q.k or to the weighted sum of v, and the scale stays that of the
+    true head size, so the result is the same attention (up to float summation order).
+    """
+    head_dim = q.shape[-1]
+    padded = -(-head_dim // multiple) * multiple
+    if padded == head_dim:
+        return F.scaled_dot_product_attention(q, k, v)
+    pad = (0, padded - head_dim)
+    out = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad),
+                                         scale=head_dim ** -0.5)
+    return out[..., :head_dim]
+
+
 def _supported_head_dim(head_dim: int) -> int:
     """Smallest head size >= head_dim that every NATTEN backend accepts (a power of two >= 8)."""
     # flex needs a power of two in [8, 512], CUTLASS a multiple of 8, Hopper 32/64/128/256;
@@ -158,6 +257,7 @@ class Attention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.block_mask = None  # FlexAttention mask, set by prepare_flex before torch.compile
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, window={self.window or 'global'}, backend={self.backend}"
@@ -176,18 +276,38 @@ class Attention(nn.Module):
             return self.proj(out)
 
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D]
-        if self.window is not None:
+        if self.window is not None and self.backend == "flex" and not return_attention:
+            mask = self.block_mask
+            if mask is None:  # eager use without prepare_flex
+                mask = flex_block_mask(height, width, self.window, str(x.device))
+            out = flex_neighborhood_attention(q, k, v, mask)
+        elif self.window is not None:
             out = neighborhood_attention(q, k, v, grid, self.window, return_map=return_attention)
             if return_attention:
                 out, attn_map = out
         elif return_attention:
             attn_map = ((q @ k.transpose(-1, -2)) * self.head_dim ** -0.5).softmax(dim=-1)
             out = attn_map @ v
+        elif x.is_cuda:
+            out = padded_sdpa(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, attn_map) if return_attention else out
 
     def _use_natten(self, x: torch.Tensor) -> bool:
-        # NATTEN's CPU build has no backward, so "auto" only picks it for CUDA tensors.
-        return self.backend == "natten" or (self.backend == "auto" and x.is_cuda)
+        # NATTEN's CPU build has no backward, so "auto" only picks it for CUDA tensors, and only
+        # with libnatten (else NATTEN would run its dense Flex path; the tiled path is exact).
+        return self.backend == "natten" or (self.backend == "auto" and x.is_cuda and has_libnatten())
+
+
+def prepare_flex(model: nn.Module, grid: tuple[int, int], device: torch.device | str) -> int:
+    """Build the FlexAttention masks of a model's "flex" neighborhood layers ahead of
+    torch.compile, so the compiled graph takes them as inputs instead of tracing their
+    construction. Returns how many layers got one."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and module.backend == "flex" and module.window is not None:
+            module.block_mask = flex_block_mask(grid[0], grid[1], module.window, str(device))
+            count += 1
+    return count

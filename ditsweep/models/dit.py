@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ditsweep.models.attention import Attention
+from ditsweep.models.pca_attention import PCAAttention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ class DiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 1, in_channels: int = 3,
                  hidden_size: int = 252, depth: int = 12, num_heads: int = 4, mlp_ratio: float = 4.0,
                  layout: list[int | None] | None = None, weight_sharing: bool = False,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", pca_attention: tuple[int, int] | None = None):
         super().__init__()
         assert input_size % patch_size == 0, f"image size {input_size} is not a multiple of {patch_size}"
         layout = [None] * depth if layout is None else list(layout)
@@ -133,6 +134,11 @@ class DiT(nn.Module):
         ])
         if weight_sharing:
             self._share_weights()
+        if pca_attention:  # Appendix C: (blocks, K) maps composed from PCs, see pca_attention.py
+            blocks, k = pca_attention
+            assert all(w is None for w in layout[:blocks]), "PCA attention replaces global blocks"
+            for block in self.blocks[:blocks]:
+                block.attn = PCAAttention(hidden_size, num_heads, self.grid[0] * self.grid[1], k)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

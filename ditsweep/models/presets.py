@@ -119,10 +119,12 @@ def layout_to_str(layout: list[int | None]) -> str:
 
 
 def build_model(preset: str, image_size: int, in_channels: int = 3, layout: str | list | None = None,
-                weight_sharing: bool = False, attention_backend: str = "auto") -> nn.Module:
+                weight_sharing: bool = False, attention_backend: str = "auto",
+                pca_attention: tuple[int, int] | None = None) -> nn.Module:
     """The model of a preset for image_size x image_size images with in_channels channels.
 
-    DiT presets take a layout (see resolve_layout) and optionally Appendix C's weight sharing.
+    DiT presets take a layout (see resolve_layout) and optionally Appendix C's weight sharing or
+    PCA attention (`pca_attention` = (blocks, K): zero PCs, load them with set_pca_components).
     Outputs have 2*in_channels channels: predicted noise, then learned-range variance values.
     """
     if preset not in PRESETS:
@@ -134,14 +136,14 @@ def build_model(preset: str, image_size: int, in_channels: int = 3, layout: str 
     if arch == "unet":
         if layout not in (None, "global", "-", "unet"):
             raise LayoutError(f"UNet preset {preset} takes no attention layout (got {layout!r})")
-        if weight_sharing:
-            raise ValueError(f"weight sharing is defined for DiT presets only, not {preset}")
+        if weight_sharing or pca_attention:
+            raise ValueError(f"weight sharing and PCA attention are defined for DiT presets only, not {preset}")
         return UNet(image_size=image_size, in_channels=in_channels, attention_backend=attention_backend, **cfg)
     if image_size % cfg["patch_size"]:
         raise ValueError(f"image size {image_size} is not a multiple of {preset}'s patch size {cfg['patch_size']}")
     resolved = resolve_layout(layout, cfg["depth"], image_size // cfg["patch_size"])
     return DiT(input_size=image_size, in_channels=in_channels, layout=resolved, weight_sharing=weight_sharing,
-               attention_backend=attention_backend, **cfg)
+               attention_backend=attention_backend, pca_attention=pca_attention, **cfg)
 
 
 def count_flops(model: nn.Module, image_size: int, in_channels: int = 3) -> int:

@@ -1,4 +1,4 @@
-"""The paper's own numbers (FID of Tables 1-3), shipped with the package for `--reference paper`."""
+"""The paper's own numbers (FID of Tables 1-3 and 5), shipped with the package for `--reference paper`."""
 
 import re
 from importlib import resources
@@ -17,8 +17,9 @@ def paper_table() -> pd.DataFrame:
 def dataset_key(name: str) -> str:
     """A spelling-insensitive key, so that a sweep's `celeba32`, `CelebA` or `lsun-church` finds
     the paper's `CelebA` / `LSUN Church`: lower-case letters and digits only, without a trailing
-    resolution (32, 32x32) and without the `lsun` prefix."""
+    resolution (32, 32x32), a `-shuffleN` suffix and the `lsun` prefix."""
     key = re.sub(r"[^a-z0-9]", "", name.lower())
+    key = re.sub(r"shuffle\d*$", "", key)  # celeba32-shuffle1: the same set in another order
     key = re.sub(r"(\d+x\d+|\d+)$", "", key)
     return key.removeprefix("lsun") or key
 

@@ -13,7 +13,8 @@ uses it too.
 
 import re
 
-DATASET_TAG = "ditsweep.dataset"
+DATASET_TAG = "ditsweep.dataset"            # the URI, exactly as the `dataset` param
+DATASET_NAME_TAG = "ditsweep.dataset_name"  # its short name, shuffles folded: celeba32, photos
 N_TRAIN_TAG = "ditsweep.n_train"
 FAMILY_TAG = "ditsweep.layout_family"
 WINDOWS_TAG = "ditsweep.window_config"
@@ -106,7 +107,7 @@ def dataset_name(uri: str) -> str:
 def trial_tags(model: str, arch: str, layout: str, layout_name: str, n_train: int, dataset: str,
                variant: str) -> dict[str, str]:
     """Tags for a trial's run, e.g. for DiT-XS/1 with layout "local-tail" on s3://b/celeba32:
-    dataset=celeba32, n_train=10000, layout_family=tail, window_config=local,
+    dataset=s3://b/celeba32, dataset_name=celeba32, n_train=10000, layout_family=tail, window_config=local,
     layout="local-tail: G*6,3,5,7,9,11,13"."""
     family = layout_family(layout, arch)
     shown = readable_layout(layout, arch)
@@ -117,7 +118,8 @@ def trial_tags(model: str, arch: str, layout: str, layout_name: str, n_train: in
     if variant and variant != "standard":
         readable += f" [{variant}]"
     return {
-        DATASET_TAG: dataset_name(dataset),
+        DATASET_TAG: dataset,
+        DATASET_NAME_TAG: dataset_name(dataset),
         N_TRAIN_TAG: str(int(n_train)),
         FAMILY_TAG: family,
         WINDOWS_TAG: window_config(layout, arch),

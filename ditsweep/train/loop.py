@@ -3,27 +3,33 @@
 One `Trainer` holds everything a checkpoint must restore for an exact resume: model, EMA copy,
 optimizer, step, and the generator that draws batches, timesteps and noise. On CPU the same seed
 gives the same loss sequence, with or without a checkpoint/restore in between.
+
+On a GPU a step never waits for the device: batches, timesteps and noise are drawn there by a
+generator on the training device, losses are summed there, and the host reads them (and checks
+that they are finite) every `log_every` steps through `read_loss`.
 """
 
 import copy
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ditsweep.data import to_model_range  # noqa: F401 (re-exported for the trainable and tests)
 from ditsweep.diffusion import create_diffusion
-from ditsweep.models import build_model
+from ditsweep.models import build_model, set_pca_components
+from ditsweep.tracking.inputs import pca_components_for
+from ditsweep.models.attention import choose_local_kernel, has_libnatten, prepare_flex
 from ditsweep.spec import TrialConfig
+from ditsweep.train.gpu import compile_model, precision_scope
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the trial cannot continue."""
-
-
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def pick_device(gpus: float) -> torch.device:
@@ -37,52 +43,115 @@ class Trainer:
         `self.batches` to an iterator of such batches before training."""
         self.cfg = cfg
         self.device = device or pick_device(cfg.resources.gpus_per_trial)
+        self.precision = cfg.train.precision
+        self.tags: dict[str, str] = {}  # for the trial's MLflow run; see pop_tags
+        kernel, note = choose_local_kernel(cfg.train.attention_backend, self.device.type, self.precision,
+                                           self.device.type == "cuda" and has_libnatten())
+        if note:  # once per trial: the trial's log and an MLflow tag
+            log.warning("trial %s: %s", cfg.trial, note)
+            self.tags["ditsweep.attention_fallback"] = note
+        self.tags["ditsweep.local_attention_kernel"] = kernel
         torch.manual_seed(cfg.seed)  # model initialisation
+        pca = pca_components_for(cfg)  # Appendix C stage 2: stage 1's PCs (ditsweep/tracking/inputs.py)
         self.model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
                                  layout=None if cfg.arch != "dit" else cfg.layout,
                                  weight_sharing=cfg.variant == "weight-sharing",
-                                 attention_backend=cfg.train.attention_backend).to(self.device)
+                                 attention_backend=kernel,
+                                 pca_attention=None if pca is None else tuple(pca.shape[:2])).to(self.device)
+        if pca is not None:
+            set_pca_components(self.model, pca)
+        if kernel == "flex" and hasattr(self.model, "grid"):
+            prepare_flex(self.model, self.model.grid, self.device)  # masks built before compile
         # EMA starts as an exact copy and is updated after every step (as the reference DiT).
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+        self._ema_params, self._params = list(self.ema.parameters()), list(self.model.parameters())
+        # fused AdamW on CUDA: one kernel for all parameters (CPU keeps torch's default)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0,
+                                     fused=True if self.device.type == "cuda" else None)
         self.diffusion = create_diffusion()
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        # compiled with a per-node cache: the trials of one node compile a model once
+        self.forward = compile_model(self.model) if cfg.train.compile else self.model
         self.images = train_images.to(self.device) if train_images is not None else None
         self.batches: Iterator[torch.Tensor] | None = None
-        # One generator for batches, timesteps and noise: its state goes into the checkpoint.
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # One generator, on the training device, for batches, timesteps and noise: its state goes
+        # into the checkpoint. On CPU it draws the same numbers as before the GPU work.
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
+        self.first_step_seconds: float | None = None
+        self._reset_window()
 
-    def train_step(self) -> float:
-        """One optimisation step; returns the loss. Raises TrainingDiverged on NaN/inf."""
-        b = self.cfg.train.batch_size
+    def _reset_window(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+        self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # 0: none yet
+        self._bad_loss = torch.zeros((), device=self.device)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the loss, a 0-d tensor on the training device (reading
+        it is the caller's host sync). A NaN/inf loss raises TrainingDiverged at the next check
+        (every log_every steps, read_loss, save), naming the first step where it happened."""
+        first = self.first_step_seconds is None
+        started = time.perf_counter()
         if self.batches is not None:
-            x0 = next(self.batches).to(self.device)
+            x0 = next(self.batches).to(self.device, non_blocking=True)
         else:
-            idx = torch.randint(len(self.images), (b,), generator=self.gen)
-            x0 = self.images[idx.to(self.device)]
-        t = torch.randint(self.diffusion.num_timesteps, (len(x0),), generator=self.gen)
-        noise = torch.randn(x0.shape, generator=self.gen)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.cfg.train.precision == "bf16"):
-            losses = self.diffusion.training_losses(self.forward, x0, t.to(self.device),
-                                                    noise=noise.to(self.device))
-        loss = losses["loss"].float().mean()
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"training diverged: loss is {loss.item()} at step {self.step + 1} "
-                                   f"(trial {self.cfg.trial}, lr {self.cfg.train.lr})")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+            idx = torch.randint(len(self.images), (self.cfg.train.batch_size,), generator=self.gen,
+                                device=self.device)
+            x0 = self.images[idx]
+        t = torch.randint(self.diffusion.num_timesteps, (len(x0),), generator=self.gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        with precision_scope(self.precision), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            losses = self.diffusion.training_losses(self.forward, x0, t, noise=noise)
+            loss = losses["loss"].float().mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
         self._update_ema()
         self.step += 1
-        return loss.item()
+        loss = loss.detach()
+        self._track(loss)
+        if first:  # includes torch.compile's first compilation; one sync, once per process
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first_step_seconds = time.perf_counter() - started
+            self.tags["ditsweep.first_step_s"] = f"{self.first_step_seconds:.2f}"
+            log.info("trial %s: first step took %.2f s", self.cfg.trial, self.first_step_seconds)
+        if self.step % self.cfg.train.log_every == 0:
+            self._check_finite()
+        return loss
+
+    def _track(self, loss: torch.Tensor) -> None:
+        """Sum the loss and remember the first non-finite one, all on the device."""
+        first_bad = (self._bad_step == 0) & ~torch.isfinite(loss)
+        self._bad_step = torch.where(first_bad, self.step, self._bad_step)
+        self._bad_loss = torch.where(first_bad, loss, self._bad_loss)
+        self._loss_sum = self._loss_sum + loss
+        self._loss_count += 1
+
+    def _check_finite(self) -> None:
+        bad_step = self._bad_step.item()  # the host sync of a check
+        if bad_step:
+            raise TrainingDiverged(f"training diverged: loss is {self._bad_loss.item()} at step "
+                                   f"{bad_step} (trial {self.cfg.trial}, lr {self.cfg.train.lr})")
+
+    def read_loss(self) -> float:
+        """Mean loss of the steps since the last read (one host sync); raises TrainingDiverged if
+        any of them was NaN/inf."""
+        self._check_finite()
+        mean = (self._loss_sum / self._loss_count).item() if self._loss_count else float("nan")
+        self._reset_window()
+        return mean
+
+    def pop_tags(self) -> dict[str, str]:
+        """Tags for the trial's MLflow run that appeared since the last call (local attention
+        kernel, fallback note, first-step time); empty on most steps."""
+        tags, self.tags = self.tags, {}
+        return tags
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.cfg.train.ema_decay
-        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.cfg.train.ema_decay)
 
     def eval_model(self) -> torch.nn.Module:
         return self.ema if self.cfg.eval.use_ema else self.model
@@ -90,17 +159,27 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "step": self.step,
-                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+                "gen": self.gen.get_state(), "gen_device": self.device.type,
+                "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.step = state["step"]
-        self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        # Generator states are CPU byte tensors whatever the device (map_location may have moved
+        # them). A CUDA generator's state does not fit a CPU one: a trial resumed on another kind
+        # of device reseeds from (seed, step) instead, so it goes on, no longer bit-identical.
+        if state.get("gen_device", "cpu") == self.device.type:
+            self.gen.set_state(state["gen"].cpu())
+        else:
+            log.warning("trial %s: checkpoint drawn on %s, resumed on %s: data order reseeded",
+                        self.cfg.trial, state.get("gen_device", "cpu"), self.device.type)
+            self.gen.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        torch.set_rng_state(state["torch_rng"].cpu())
 
     def save(self, directory: Path, extra: dict | None = None) -> Path:
+        self._check_finite()  # never checkpoint a diverged model
         path = Path(directory) / "checkpoint.pt"
         torch.save({**self.state_dict(), "extra": extra or {}}, path)
         return path

@@ -22,7 +22,9 @@ from ditsweep.eval.jobs import METRICS
 from ditsweep.spec import TrialConfig
 from ditsweep.tracking import TrialRun
 from ditsweep.tracking.tags import trial_tags
-from ditsweep.train.loop import Trainer, TrainingDiverged, to_model_range
+from ditsweep.train.continuity import beat, identity_tags, restore_from_storage, store_checkpoint, twin_to_link
+from ditsweep.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
+from ditsweep.train.loop import Trainer, to_model_range
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 20.0
@@ -59,19 +61,70 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def train_trial(config: dict) -> None:
-    """Tune function trainable: config = {TRIAL_KEY: TrialConfig as a dict}."""
+    """Tune function trainable: config = {TRIAL_KEY: TrialConfig as a dict}.
+
+    Failure policy (ditsweep/failures.py). Tune has no per-exception retry policy: any exception
+    that leaves this function counts against FailureConfig.max_failures and restarts the trial
+    from its last checkpoint. So the trial judges its own exceptions. A transient one (lost
+    connection, CUDA OOM, ...) is re-raised and Tune retries it as before. A deterministic one
+    (divergence, DataError, invalid config, shape/dtype error) would fail again identically:
+    the trial records it in MLflow and *returns* after a final result carrying
+    `ditsweep_failure`, so Tune sees a finished trial and never restarts it; the summary reads
+    that result. (A Tune callback cannot do this: on_trial_error runs after Tune has decided.)
+    A killed worker or node raises nothing here; Tune restarts those trials from checkpoints.
+    """
+    attempt: dict = {}  # what the failure handler needs: the run, the trainer, the attempt number
+    try:
+        _train_trial(config, attempt)
+    except Exception as e:
+        failure = classify(e)
+        run, trainer = attempt.get("run"), attempt.get("trainer")
+        step = trainer.step if trainer else 0
+        max_failures = config[TRIAL_KEY].get("resources", {}).get("max_failures", 0)
+        last = attempt.get("number", 1) > max_failures  # Tune will not restart this attempt
+        if failure.transient and not last:
+            note = f"attempt {attempt.get('number')} at step {step}: {failure.reason}"
+            _record(run, {NOTE_TAG: (f"{failure.note}; " if failure.note else "") + note})
+            raise
+        _record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
+        if failure.transient:
+            raise  # retries used up: Tune marks the trial ERROR
+        log.error("trial failed (%s, not retried): %s", failure.kind, failure.reason)
+        tune.report({"step": step, RESULT_KEY: failure.reason, "ditsweep_failure_kind": failure.kind})
+
+
+def _record(run: TrialRun | None, tags: dict, status: str | None = None) -> None:
+    """Tags (and the end status) of a failed attempt; MLflow trouble must not hide the failure."""
+    if run is None:
+        return
+    try:
+        run.set_tags(tags)
+        if status:
+            run.finish(status)
+    except Exception as e:
+        log.error("could not record the failure in MLflow: %s: %s", type(e).__name__, e)
+
+
+def _train_trial(config: dict, attempt: dict) -> None:
     cfg = TrialConfig.model_validate(config[TRIAL_KEY])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+    # The run first, so that a data or model error is recorded in it.
+    run = TrialRun(cfg.tracking_uri, cfg.experiment, cfg.parent_run_id, cfg.trial,
+                   trial_params(cfg),
+                   tags={"ditsweep.sweep": cfg.sweep,
+                         **trial_tags(cfg.model, cfg.arch, cfg.layout, cfg.layout_name, cfg.n_train,
+                                      cfg.dataset, cfg.variant), **identity_tags(cfg)})
+    attempt.update(run=run, number=count_attempt(run))
+    linked = twin_to_link(cfg, run, has_checkpoint=tune.get_checkpoint() is not None)
+    if linked is not None:  # another sweep trained this identity: this run now links to it
+        tune.report(linked)
+        return
     if cfg.data.stream:
         trainer = Trainer(cfg, None)
     else:
         train_u8, _ = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, 0)
         trainer = Trainer(cfg, to_model_range(train_u8))
-    run = TrialRun(cfg.tracking_uri, cfg.experiment, cfg.parent_run_id, cfg.trial,
-                   trial_params(cfg),
-                   tags={"ditsweep.sweep": cfg.sweep,
-                         **trial_tags(cfg.model, cfg.arch, cfg.layout, cfg.layout_name, cfg.n_train,
-                                      cfg.dataset, cfg.variant)})
+    attempt["trainer"] = trainer
     evaluator = _evaluator(cfg, run)
 
     checkpoint = tune.get_checkpoint()
@@ -80,23 +133,27 @@ def train_trial(config: dict) -> None:
             trainer.load(Path(d))
         log.info("trial %s resumed at step %d", cfg.trial, trainer.step)
         run.set_tags({"ditsweep.resumed_from_step": str(trainer.step)})
+    else:  # an attempt under another driver or Ray cluster, without --resume (continuity.py)
+        restore_from_storage(cfg, trainer, run)
     if cfg.data.stream:  # seeded by the step, so a resumed trial does not replay its batches
         trainer.batches = stream_train_batches(
             cfg.dataset, cfg.n_train, cfg.train.batch_size, seed=cfg.seed * 1_000_003 + trainer.step,
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.loader_workers,
             cache_dir=os.environ.get("DITSWEEP_DATA_CACHE"), resolution=cfg.data.resolution)
     last_flush = time.monotonic()
-    window: list[float] = []
     metrics: dict = {}
     try:
         while trainer.step < cfg.train.steps:
-            window.append(trainer.train_step())
+            trainer.train_step()  # no host sync: the loss is read at log_every
+            if trainer.tags:  # local attention kernel, fallback note, first-step time
+                run.set_tags(trainer.pop_tags())
             step = trainer.step
             metrics = {"step": step}
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics["loss"] = sum(window) / len(window)
+                metrics["loss"] = trainer.read_loss()  # mean since the last read
                 run.log_metrics({"loss": metrics["loss"]}, step)
-                window.clear()
+                if step % cfg.train.checkpoint_every or step == cfg.train.steps:
+                    tune.report(metrics)  # for the progress view; checkpoints report below
             if evaluator and step < cfg.train.steps:
                 evaluator.submit(trainer.eval_model(), step)  # if any metric is due; returns at once
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
@@ -105,13 +162,14 @@ def train_trial(config: dict) -> None:
             elif time.monotonic() - last_flush > FLUSH_SECONDS:
                 run.flush()
                 last_flush = time.monotonic()
-    except TrainingDiverged as e:
-        run.set_tags({"ditsweep.failure": str(e)})
-        run.finish("FAILED")
+                beat(cfg, run)
+    except Exception:  # judged by train_trial (ditsweep/failures.py); keep the losses before it
+        run.flush()
         raise
 
     metrics = {"step": trainer.step, "loss": metrics.get("loss", float("nan"))}
     metrics.update(_evaluate(evaluator, trainer))
+    _save_final(cfg, trainer, run)  # under the identity, before the run says FINISHED
     run.finish("FINISHED")
     _report(trainer, run, metrics)
 
@@ -141,5 +199,13 @@ def _evaluate(evaluator: Evaluator | None, trainer: Trainer) -> dict:
 def _report(trainer: Trainer, run: TrialRun, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         trainer.save(Path(d), extra={"mlflow_run_id": run.run_id})
+        store_checkpoint(trainer.cfg, run, Path(d) / "checkpoint.pt", trainer.step,
+                         final=trainer.step >= trainer.cfg.train.steps)
         tune.report({**metrics, "mlflow_run_id": run.run_id},
                     checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _save_final(cfg: TrialConfig, trainer: Trainer, run: TrialRun) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        store_checkpoint(cfg, run, trainer.save(Path(d), extra={"mlflow_run_id": run.run_id}),
+                         trainer.step, final=True)
