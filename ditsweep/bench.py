@@ -28,7 +28,8 @@ def bench_training(sweep_path: str = "sweeps/smoke.yaml", steps: int = 30) -> fl
     """Steps/s of each distinct model of a sweep; returns the slowest images/s (for data benches)."""
     from ditsweep.data import load_split
     from ditsweep.spec import expand, load_sweep
-    from ditsweep.train.loop import Trainer, to_model_range
+    from ditsweep.data import to_model_range
+    from ditsweep.train.loop import Trainer
 
     trials = expand(load_sweep(sweep_path))
     seen, slowest = set(), float("inf")
@@ -43,6 +44,7 @@ def bench_training(sweep_path: str = "sweeps/smoke.yaml", steps: int = 30) -> fl
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
+        trainer.read_loss()  # waits for the device, as a trial does at log_every
         rate = steps / (time.perf_counter() - start)
         images = rate * cfg.train.batch_size
         slowest = min(slowest, images)

@@ -16,7 +16,6 @@ keeps what it measured; `write` turns the lines into OUT/<gpu-slug>.json (ditswe
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from ditsweep.calibration import step_flops
 
 T0 = time.time()
 MODELS = {"global": ("DiT-XS/1", "global"), "local": ("DiT-XS/1", "local"), "unet": ("UNet-XS", "global")}
@@ -82,18 +83,6 @@ def make_trainer(cfg):
     return Trainer(cfg, images, device=device())
 
 
-def step_flops(trainer) -> float:
-    """FLOPs of one training step's forward + backward (uncompiled model; counted, not timed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model, b, r = trainer.model, trainer.cfg.train.batch_size, trainer.cfg.data.resolution
-    x = torch.randn(b, 3, r, r, device=trainer.device)
-    t = torch.randint(1000, (b,), device=trainer.device)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t).float().pow(2).mean().backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
 def matmul_peak_tflops() -> float | None:
     """bf16 dense matmul TFLOP/s of this GPU (8192^3, best of 20): the peak to compare with."""
     if not torch.cuda.is_available():
@@ -121,7 +110,7 @@ def measure_train(out: Path, family: str, precision: str, compile_: bool, args, 
         trainer = make_trainer(cfg)
         fields.update(model=cfg.model, layout=cfg.layout, resolution=cfg.data.resolution,
                       batch_size=cfg.train.batch_size)
-        flops = step_flops(trainer)
+        flops = step_flops(cfg.model, cfg.layout, cfg.data.resolution, cfg.train.batch_size)  # as --dry-run
         trainer.train_step()  # compiles, if asked; times itself
         for _ in range(args.warmup):
             trainer.train_step()
@@ -292,6 +281,28 @@ def measure_evals(out: Path, args) -> None:
                 torch.cuda.empty_cache()
 
 
+def measure_drift(out: Path, args) -> None:
+    """bf16 against tf32 from the same seed on builtin:photos: loss every 100 steps and the final
+    PSNR gap of the EMA model (K=300, S=50), for the README's drift statement."""
+    from ditsweep.data import load_split, to_model_range
+    from ditsweep.eval.psnr_gap import psnr_gap
+    res = 8 if args.smoke else 32
+    train, test = load_split("builtin:photos", res, 1000, 300)
+    for precision in ("tf32", "bf16"):
+        cfg = trial_config("DiT-XS/1", "global", precision, False, args.smoke)  # needs no NATTEN
+        trainer = make_trainer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 100})}))
+        trainer.images = to_model_range(train).to(trainer.device)
+        curve = []
+        while trainer.step < args.drift_steps:
+            trainer.train_step()
+            if trainer.step % 100 == 0:
+                curve.append(trainer.read_loss())
+        gap = psnr_gap(trainer.ema, to_model_range(train[:300]).to(trainer.device),
+                       to_model_range(test[:300]).to(trainer.device), num_steps=50)
+        emit(out, "drift", precision=precision, steps=trainer.step, loss_every_100=curve,
+             psnr_gap_mean=gap.mean_gap)
+
+
 def write(out: Path, path: Path | None = None) -> Path:
     """The calibration file from the JSON lines of out/ (errors and smoke rows left out)."""
     from ditsweep.calibration import gpu_slug, write_calibration
@@ -314,7 +325,7 @@ def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ditsweep.bench --gpu")
     p.add_argument("--out", default="bench-gpu-out", help="folder for bench_gpu.jsonl and the calibration file")
     p.add_argument("--phases", default="peak,global,eval,local,pack,write",
-                   help="comma list of peak, syncs, global, local, unet, flex, eval, pack, write")
+                   help="comma list of peak, syncs, global, local, unet, flex, eval, pack, drift, write")
     p.add_argument("--precisions", default="tf32,bf16,fp32")
     p.add_argument("--compile", default="off,on", help="off, on, or both")
     p.add_argument("--pack", default="local:tf32:off,local:bf16:on", help="family:precision:compile,...")
@@ -324,6 +335,7 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--pack-seconds", type=float, default=15)
     p.add_argument("--pack-startup", type=float, default=120, help="seconds a packed worker may take to start")
     p.add_argument("--eval-precision", default="tf32")
+    p.add_argument("--drift-steps", type=int, default=3000, help="steps per precision of the drift phase")
     p.add_argument("--budget", type=float, default=0, help="seconds; 0: no limit (later items are skipped)")
     p.add_argument("--smoke", action="store_true", help="tiny models on any device: checks the harness")
     args = p.parse_args(argv)
@@ -340,7 +352,8 @@ def run(argv: list[str] | None = None) -> None:
         emit(out, "peak", bf16_matmul_tflops=peak)
     if "syncs" in phases:
         for family, precision in (("global", "bf16"), ("local", "tf32")):
-            check_syncs(out, family, precision, args)
+            if family in phases:
+                check_syncs(out, family, precision, args)
     compiles = [c == "on" for c in args.compile.split(",")]
     for family in ("global", "local", "unet"):
         if family not in phases:
@@ -366,6 +379,8 @@ def run(argv: list[str] | None = None) -> None:
                     print(f"budget: skipping pack {item} x{k}", flush=True)
                     continue
                 measure_pack(out, family, precision, comp == "on", k, args)
+    if "drift" in phases:
+        measure_drift(out, args)
     if "write" in phases:
         print(f"calibration file: {write(out)}", flush=True)
 

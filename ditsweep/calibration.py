@@ -156,12 +156,13 @@ def step_flops(model: str, layout: str, resolution: int, batch_size: int) -> flo
     from torch.utils.flop_counter import FlopCounterMode
 
     from ditsweep.models import build_model
-    with torch.device("meta"):
+    with torch.device("meta"):  # construction only: index tables cached by the forward stay real
         net = build_model(model, resolution, 3, layout=None if layout in ("-", "unet") else layout,
                           attention_backend="torch")
-        x, t = torch.randn(batch_size, 3, resolution, resolution), torch.zeros(batch_size, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            net(x, t).float().pow(2).mean().backward()
+    x = torch.empty(batch_size, 3, resolution, resolution, device="meta")
+    t = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        net(x, t).float().pow(2).mean().backward()
     return float(counter.get_total_flops())
 
 

@@ -5,6 +5,7 @@
     pending = link_reused(sweep, plans, parent_run_id, pool)        # child runs linking originals
     ... tuner.fit() on [p.cfg for p in plans if p.action in ("train", "wait")] ...
     results = finish_reused(pending)                                 # after their evaluations
+    results |= link_duplicates(plans, parent_run_id)                 # after Tune
 
 Actions:
 - done:  this sweep's parent run (an interrupted attempt being continued) already has a
@@ -12,12 +13,15 @@ Actions:
 - reuse: a FINISHED run of this identity exists (any experiment): a link child run is made
          (tracking/reuse.py); evaluations the YAML asks for that the original lacks, or computed
          with other settings, run on the original's final checkpoint in the evaluation pool.
-- wait:  another sweep is training this identity now, or it appears earlier in this sweep: the
-         trial goes to Tune last and waits there for its twin, then links (train/continuity.py).
+- wait:  another sweep is training this identity now: the trial goes to Tune last and waits
+         there for its twin, then links to it (train/continuity.py).
+- duplicate: the identity appears earlier in this sweep (e.g. builtin:photos and
+         builtin:photos?seed=0): linked to that trial's run once Tune is done.
 - train: everything else, and everything with --no-reuse.
 """
 
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,19 +57,25 @@ def plan_trials(sweep: Sweep, trials: list[TrialConfig], parent_run_id: str | No
     """Identity per trial (set on each cfg) and what to do with it. A dry run opens no dataset
     (identities of S3 datasets stay unknown: those trials are matched by `ditsweep.recipe`) and
     creates no tracking store."""
-    plans = [Planned(t.model_copy(update={"identity": _identity(t, dry_run)}), recipe_key(t))
-             for t in trials]
+    plans = [Planned(t.model_copy(update={"identity": _identity(t, dry_run), "reuse": not no_reuse}),
+                     recipe_key(t)) for t in trials]
     client = _client(trials[0].tracking_uri, dry_run)
     seen: set[str] = set()
     for p in plans:
         key = p.cfg.identity or p.recipe
         if key in seen:
-            p.action, p.note = "wait", "same identity as an earlier trial of this sweep: trains once"
+            p.action, p.note = "duplicate", "same identity as an earlier trial of this sweep: linked to it"
             continue
         seen.add(key)
         if client is None:
             continue
-        _decide(client, p, parent_run_id, no_reuse, dry_run)
+        try:
+            _decide(client, p, parent_run_id, no_reuse, dry_run)
+        except Exception as e:  # a dry run still prints its plan when MLflow does not answer
+            if not dry_run:
+                raise
+            print(f"warning: no reuse lookup (tracking server: {type(e).__name__})", file=sys.stderr)
+            client = None
     return plans
 
 
@@ -86,7 +96,16 @@ def _client(tracking_uri: str, dry_run: bool):
     if dry_run and tracking_uri.startswith("sqlite:///") and \
             not Path(tracking_uri[len("sqlite:///"):]).exists():
         return None  # no store yet, so nothing to reuse; and a dry run must not create one
-    return MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    if dry_run:  # one quick question: a dry run must not wait minutes for a server that is away
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as e:
+            print(f"warning: no reuse lookup: the tracking server does not answer "
+                  f"({type(e).__name__})", file=sys.stderr)
+            return None
+    return client
 
 
 def _decide(client, p: Planned, parent_run_id: str | None, no_reuse: bool, dry_run: bool) -> None:
@@ -119,30 +138,29 @@ def _decide(client, p: Planned, parent_run_id: str | None, no_reuse: bool, dry_r
 def _finished_under(client, parent_run_id: str, tag: str, value: str, experiment: str):
     from ditsweep.tracking.mlflow_runs import experiment_id, retrying
     exp_id = experiment_id(client, experiment)
-    query = (f"tags.`{tag}` = '{value}' and tags.`mlflow.parentRunId` = '{parent_run_id}' "
+    query = (f"tags.`{tag}` = '{value}' and tags.`ditsweep.sweep_run_id` = '{parent_run_id}' "
              "and attributes.status = 'FINISHED'")
     runs = retrying(lambda: client.search_runs([exp_id], query, max_results=1), "search")
     return runs[0] if runs else None
 
 
 def missing_evaluations(client, cfg: TrialConfig, original) -> list[str]:
-    """Evaluations this trial asks for that the original lacks or computed with other settings."""
+    """Evaluations this trial asks for at its end (the rule the evaluators follow) that the
+    original lacks, or computed with other settings."""
+    from ditsweep.eval.jobs import metrics_due
     from ditsweep.train.trainable import trial_params
     wanted = {k: str(v) for k, v in trial_params(cfg).items() if k.startswith("eval.")}
     have, metrics = original.data.params, original.data.metrics
     out = []
-    for name, keys in METRIC_KEYS.items():
-        if not getattr(cfg.eval, name).enabled or (name == "attention" and cfg.arch != "dit"):
-            continue
-        if name == "fid" and not cfg.eval.fid.due_for(cfg.n_train):  # the paper's N only
-            continue
+    for name in metrics_due(cfg.eval, cfg.train.steps, final=True, n_train=cfg.n_train):
+        if name == "attention" and cfg.arch != "dit":
+            continue  # the pool skips UNets: nothing to recompute
         if name == "samples":
             present = bool(client.list_artifacts(original.info.run_id, "samples"))
         elif name == "jacobian":
             present = all(f"jacobian_top_eigenvalue_t{t}" in metrics for t in cfg.eval.jacobian.timesteps)
         else:
-            present = any(k == key or (key.endswith("_") and k.startswith(key))
-                          for k in metrics for key in keys)
+            present = any(_owned_by(k, [name]) and not k.startswith("eval_seconds_") for k in metrics)
         changed = [k for k, v in wanted.items()
                    if (k.startswith(f"eval.{name}.") and k.rsplit(".", 1)[1] not in NEUTRAL_SETTINGS
                        or k == "eval.use_ema") and have.get(k, v) != v]
@@ -152,8 +170,10 @@ def missing_evaluations(client, cfg: TrialConfig, original) -> list[str]:
 
 
 def _owned_by(key: str, evaluations: list[str]) -> bool:
+    """Whether a metric key is written by one of these evaluations (a name not in METRIC_KEYS,
+    e.g. attention_pca, owns the keys that start with its name)."""
     for name in evaluations:
-        for k in METRIC_KEYS[name]:
+        for k in METRIC_KEYS.get(name, (f"{name}_",)):
             if key == k or (k.endswith("_") and key.startswith(k)):
                 return True
         if key == f"eval_seconds_{name}":
@@ -169,7 +189,7 @@ def dry_run_lines(sweep: Sweep, plans: list[Planned]) -> str:
         ident = p.cfg.identity or f"recipe {p.recipe} (dataset not opened)"
         lines.append(f"  {p.cfg.trial.ljust(width)}  {ident}  {p.action}"
                      + (f": {p.note}" if p.note else ""))
-    reused = [p for p in plans if p.action in ("reuse", "done", "wait")]
+    reused = [p for p in plans if p.action in ("reuse", "done", "wait", "duplicate")]
     hours = [trial_gpu_hours(sweep, p.cfg) for p in reused]
     kind = "GPU" if sweep.resources.gpus_per_trial else "CPU"
     saved = (f"{sum(hours):,.1f} {kind}-hours saved" if reused and all(h is not None for h in hours)
@@ -190,7 +210,7 @@ def link_reused(sweep: Sweep, plans: list[Planned], parent_run_id: str, pool) ->
     """A link child run for each reused trial; evaluation-only jobs for what the original lacks."""
     from mlflow.tracking import MlflowClient
 
-    from ditsweep.tracking.reuse import copy_metrics, create_link, finish_link
+    from ditsweep.tracking.reuse import copy_artifacts, copy_metrics, create_link, finish_link
     from ditsweep.train.trainable import trial_params
     pending = []
     for p in (p for p in plans if p.action == "reuse"):
@@ -204,6 +224,7 @@ def link_reused(sweep: Sweep, plans: list[Planned], parent_run_id: str, pool) ->
         source = p.original.info.run_id
         keys = [k for k in p.original.data.metrics if not _owned_by(k, p.recompute)]
         copy_metrics(client, source, run_id, keys)
+        copy_artifacts(client, source, run_id, skip=p.recompute)
         job = _evaluate_saved(client, cfg, run_id, p, pool) if p.recompute else None
         if job is None:
             finish_link(client, run_id)
@@ -263,6 +284,25 @@ def finish_reused(pending: list[Pending]) -> dict[str, dict]:
                 print(f"warning: evaluation of reused trial {cfg.trial} failed: {e}", file=sys.stderr)
             finish_link(client, item.run_id)
         results[cfg.trial] = run_result(client.get_run(item.run_id), item.plan.note)
+    return results
+
+
+def link_duplicates(plans: list[Planned], parent_run_id: str) -> dict[str, dict]:
+    """Link each duplicate to the run that trained its identity in this sweep (after Tune)."""
+    from mlflow.tracking import MlflowClient
+
+    from ditsweep.tracking.mlflow_runs import IDENTITY_TAG
+    from ditsweep.tracking.reuse import link_to
+    results = {}
+    for p in (p for p in plans if p.action == "duplicate"):
+        client = MlflowClient(p.cfg.tracking_uri)
+        done = _finished_under(client, parent_run_id, IDENTITY_TAG, p.cfg.identity, p.cfg.experiment)
+        if done is None:
+            results[p.cfg.trial] = {"status": "ERROR: its twin in this sweep did not finish",
+                                    "reason": "the trial with the same identity did not finish"}
+            continue
+        run_id = link_to(client, p.cfg.experiment, parent_run_id, p.cfg.trial, p.cfg.sweep, done)
+        results[p.cfg.trial] = run_result(client.get_run(run_id), p.note)
     return results
 
 

@@ -1,9 +1,10 @@
-"""Run a sweep: `python -m ditsweep.run SWEEP.yaml [--dry-run] [--resume]`.
+"""Run a sweep: `python -m ditsweep.run SWEEP.yaml [--dry-run] [--check] [--resume]`.
 
 The YAML is validated and expanded into trials before anything starts (exit code 2 on bad input).
 Each trial is a Ray Tune trial on the Ray cluster this process finds (`ray job submit`,
 RAY_ADDRESS) or on a local Ray started for the run. Results go to MLflow: one parent run for the
-sweep, one child run per trial.
+sweep, one child run per trial. On a cluster, and with --check, the pre-flight (preflight.py)
+checks every node type first; any failure exits 2 before a trial starts.
 """
 
 import argparse
@@ -55,8 +56,9 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
     import ray
     from ray import tune
 
-    from ditsweep.reuse_plan import finish_reused, link_reused, open_sweep_run, plan_trials, run_result
-    from ditsweep.train.trainable import TRIAL_KEY, train_trial
+    from ditsweep.reuse_plan import (finish_reused, link_duplicates, link_reused, open_sweep_run,
+                                     plan_trials, run_result)
+    from ditsweep.train.trainable import train_trial
 
     first = trials[0]
     storage = storage_path(sweep)
@@ -74,6 +76,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
               f"this sweep; {len(to_train)} to train", file=sys.stderr)
     if not to_train and not any(p.recompute for p in reused):  # nothing needs Ray
         results.update(finish_reused(link_reused(sweep, plans, parent_run_id, None)))
+        results.update(link_duplicates(plans, parent_run_id))
         return _end_sweep(first, parent_run_id, results)
     if not ray.is_initialized():
         # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise Ray starts locally.
@@ -109,6 +112,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
         name = result.path.rstrip("/").rsplit("/", 1)[-1]  # trial dirs are named after trials
         status, reason = trial_status(result.metrics, result.error)  # ditsweep/failures.py
         results[name] = {**(result.metrics or {}), "status": status, "reason": reason}
+    results.update(link_duplicates(plans, parent_run_id))
     return _end_sweep(first, parent_run_id, results)
 
 

@@ -255,6 +255,7 @@ class TrialConfig(Strict):
     # under which the trial keeps its checkpoints (ditsweep.checkpoints).
     identity: str | None = None
     storage: str | None = None
+    reuse: bool = True  # False (--no-reuse): train even when a twin trained or trains it
 
 
 def load_sweep(path: str | Path, check_data: bool = True) -> Sweep:
@@ -299,6 +300,9 @@ def expand(sweep: Sweep, path: str | Path = "<sweep>", check_data: bool = True) 
         if variant == "pca-attention" and (arch != "dit" or "pca_components" not in sweep.inputs):
             raise SpecError(f"{path}: grid.variant: 'pca-attention' needs a DiT preset (not {model!r}) "
                             "and inputs.pca_components (stage 1's artifact)")
+        if variant == "pca-attention" and set(layout_str.split(",")[:3]) != {"G"}:
+            raise SpecError(f"{path}: grid.layout: 'pca-attention' composes the maps of the first "
+                            f"three blocks, which must be global, not {layout_str!r}")
         if variant == "weight-sharing" and arch != "dit":
             raise SpecError(f"{path}: grid.variant: 'weight-sharing' applies to DiT presets only, "
                             f"not {model!r}")

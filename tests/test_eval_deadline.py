@@ -36,7 +36,7 @@ def test_a_hung_evaluation_is_killed_after_its_deadline_retried_and_recorded(tmp
     sweep = tiny_sweep(name="hang", eval={
         "psnr_gap": {"num_images": 8, "steps": 20}, "attention": {"enabled": False},
         "samples": {"enabled": False},
-        "actors": {"count": 1, "max_retries": 1, "deadline_min_s": 4, "deadline_scale": 0.01}})
+        "actors": {"count": 1, "max_retries": 1, "deadline_min_s": 2, "deadline_scale": 0.01}})
     path = write_sweep(tmp_path, sweep)
     driver = subprocess.Popen([PYTHON, "-m", "ditsweep.run", str(path)], cwd=tmp_path,
                               stdout=open(tmp_path / "driver.log", "wb"), stderr=subprocess.STDOUT,
@@ -63,8 +63,8 @@ def test_a_hung_evaluation_is_killed_after_its_deadline_retried_and_recorded(tmp
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("ditsweep.role") == "trial"]
     assert run.info.status == "FINISHED"
     failure = run.data.tags["ditsweep.eval_failure"]
-    assert "gave up after 2 attempts in" in failure and failure.count("deadline of 4 s") == 2, failure
+    assert "gave up after 2 attempts in" in failure and failure.count("deadline of 2 s") == 2, failure
     (took,) = client.get_metric_history(run.info.run_id, "eval_seconds_job")
-    assert took.value >= 8  # two deadlines of 4 s
+    assert took.value >= 4  # two deadlines of 2 s
     assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_attempts")] == [2]
     assert "psnr_gap_mean" not in run.data.metrics

@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_sweep, write_sweep
 from ditsweep.data import load_split
-from ditsweep.eval.fid import INCEPTION_ENV, fid, to_uint8_rgb, weights_file, write_random_inception_weights
+from ditsweep.eval.fid import fid, to_uint8_rgb, write_random_inception_weights
+from ditsweep.weights import INCEPTION_ENV, weights_file
 from ditsweep.spec import SpecError, load_sweep
 
 

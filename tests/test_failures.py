@@ -70,3 +70,58 @@ def test_trial_status_reads_the_failure_result():
     assert trial_status({"loss": 0.1}, None) == ("done", None)
     status, reason = trial_status(None, ConnectionError("refused"))
     assert status.startswith("ERROR (transient, retries used up)") and reason == "ConnectionError: refused"
+
+
+def _trial_config(tmp_path, **overrides) -> dict:
+    from ditsweep.spec import Sweep, expand
+    from conftest import tiny_sweep
+    sweep = tiny_sweep(name="policy", tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                       eval={"psnr_gap": {"enabled": False}, "attention": {"enabled": False},
+                             "samples": {"enabled": False}}, **overrides)
+    from ditsweep.tracking import start_sweep_run
+    trial = expand(Sweep.model_validate(sweep), check_data=False)[0]
+    parent = start_sweep_run(trial.tracking_uri, trial.experiment, "policy", {})  # retries reattach
+    return trial.model_copy(update={"parent_run_id": parent}).model_dump()
+
+
+def _the_run(config: dict):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(config["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("policy").experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("ditsweep.role") == "trial"]
+    return run
+
+
+def test_the_trainable_retries_a_transient_failure_with_a_note_until_the_last_attempt(tmp_path, monkeypatch):
+    """The policy in train_trial, called outside Tune (tune.report is then a no-op): a CUDA OOM,
+    injected into the training step since this machine has no GPU, is re-raised for Tune to retry."""
+    from ditsweep.train import trainable
+    from ditsweep.train.loop import Trainer
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    config = {trainable.TRIAL_KEY: _trial_config(tmp_path, resources={"max_failures": 1})}
+    with pytest.raises(torch.OutOfMemoryError):
+        trainable.train_trial(config)  # attempt 1 of 2: Tune would retry it
+    run = _the_run(config[trainable.TRIAL_KEY])
+    assert run.info.status == "RUNNING" and run.data.tags["ditsweep.attempts"] == "1"
+    assert "retried from the last checkpoint" in run.data.tags["ditsweep.retry_note"]
+    assert "attempt 1 at step 0: OutOfMemoryError" in run.data.tags["ditsweep.retry_note"]
+    with pytest.raises(torch.OutOfMemoryError):
+        trainable.train_trial(config)  # attempt 2: the last one Tune allows
+    run = _the_run(config[trainable.TRIAL_KEY])
+    assert run.info.status == "FAILED" and run.data.tags["ditsweep.attempts"] == "2"
+    assert run.data.tags["ditsweep.failure_kind"] == "transient"
+
+
+def test_the_trainable_ends_a_deterministic_failure_without_raising(tmp_path):
+    from ditsweep.train import trainable
+    config = {trainable.TRIAL_KEY: _trial_config(tmp_path, resources={"max_failures": 3})}
+    config[trainable.TRIAL_KEY]["dataset"] = str(tmp_path / "no-such-dataset")  # DataError on load
+    trainable.train_trial(config)  # returns: Tune sees a finished trial and does not restart it
+    run = _the_run(config[trainable.TRIAL_KEY])
+    assert run.info.status == "FAILED" and run.data.tags["ditsweep.attempts"] == "1"
+    assert run.data.tags["ditsweep.failure"].startswith("DataError: ")
+    assert run.data.tags["ditsweep.failure_kind"] == "deterministic"

@@ -10,10 +10,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_sweep
-from ditsweep.data import load_split
+from ditsweep.data import load_split, to_model_range
 from ditsweep.spec import Sweep, expand
 from ditsweep.train.gpu import precision_scope, setup_compile_cache, tf32_flags
-from ditsweep.train.loop import Trainer, TrainingDiverged, to_model_range
+from ditsweep.train.loop import Trainer, TrainingDiverged
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -245,3 +245,14 @@ def test_bench_gpu_harness_writes_a_calibration_file(tmp_path):
     cal = Calibration.load(tmp_path / "cpu.json")
     fig = cal.train_speed("DiT-T/1", "G,G,G,G,G,G", 8, 4, "fp32", False, 1)
     assert fig.value == rows[1]["steps_per_second"] and fig.measured
+
+
+def test_flops_counted_on_meta_leave_real_models_working():
+    """--dry-run counts FLOPs on the meta device (DiT-S/1 is priced from DiT-XS/1 by this ratio);
+    the attention's cached index tables must stay real tensors for the trainings that follow."""
+    from ditsweep.calibration import step_flops
+    from ditsweep.models import build_model
+    flops = step_flops("DiT-T/1", "3,5,7,G,G,G", 8, 4)
+    assert flops > step_flops("DiT-T/1", "3,5,7,G,G,G", 8, 2) > 0
+    model = build_model("DiT-T/1", 8, 3, layout="local", attention_backend="torch")
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)

@@ -21,8 +21,8 @@ def test_streaming_pca_finds_the_components_of_pca_lowrank():
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(400, 5, generator=gen)).Q            # [dim, 5]
     scales = torch.tensor([50.0, 30.0, 20.0, 10.0, 5.0])
-    data = [torch.randn(64, 5, generator=gen) * scales @ basis.T + 3.0 + 0.01 * torch.randn(64, 400, generator=gen)
-            for _ in range(6)]                                                  # 6 batches of rows
+    data = [torch.randn(64, 5, generator=gen) * scales @ basis.T + 3.0
+            + 0.01 * torch.randn(64, 400, generator=gen) for _ in range(6)]    # 6 batches of rows
     rows = lambda: ([batch, 2 * batch] for batch in data)  # noqa: E731 (two "blocks")
     found = pca.streaming_pca(rows, q=5, niter=2)
     full = torch.cat(data)
@@ -61,6 +61,23 @@ def test_pca_attention_maps_sum_to_one_and_save_the_documented_parameters():
     assert not torch.allclose(maps[0], torch.full_like(maps[0], 1 / 64))     # the PCs do shape it
     with pytest.raises(ValueError, match="do not fit this block"):
         set_pca_components(small, torch.randn(3, 6, 16, 16))
+
+
+def test_a_pca_attention_sweep_needs_its_input_and_global_first_blocks(tmp_path):
+    from ditsweep.spec import SpecError, expand, load_sweep
+
+    sweep = tiny_sweep()
+    sweep["grid"]["variant"] = ["pca-attention"]
+    with pytest.raises(SpecError, match="grid.variant: 'pca-attention' needs a DiT preset .* and "
+                                        "inputs.pca_components"):
+        load_sweep(write_sweep(tmp_path, sweep), check_data=False)
+    sweep["inputs"] = {"pca_components": {"experiment": "s1", "trial": "000_x", "artifact": "a/c.pt"}}
+    sweep["grid"]["layout"] = ["3,5,7,G,G,G"]
+    with pytest.raises(SpecError, match="grid.layout: 'pca-attention' .* must be global, not '3,5,7,G,G,G'"):
+        load_sweep(write_sweep(tmp_path, sweep), check_data=False)
+    sweep["grid"]["layout"] = ["G,G,G,3,5,7"]
+    (trial,) = expand(load_sweep(write_sweep(tmp_path, sweep), check_data=False))
+    assert trial.inputs["pca_components"].trial == "000_x" and trial.variant == "pca-attention"
 
 
 def _stage_sweeps(workdir):
@@ -129,9 +146,11 @@ def test_two_stage_pca_sweep_and_the_report_of_table5_and_dagger_rows(tmp_path):
     # The report: Table 5's four rows and Table 1's dagger rows, from these runs.
     out = write_report("pca-stage2", uri, str(tmp_path / "report"), log_artifacts=False).parent
     exp2 = client.get_experiment_by_name("pca-stage2").experiment_id
-    runs = {r.data.tags["ditsweep.trial"]: r for r in client.search_runs([exp2], "tags.`ditsweep.role` = 'trial'")}
+    runs = {r.data.tags["ditsweep.trial"]: r
+            for r in client.search_runs([exp2], "tags.`ditsweep.role` = 'trial'")}
     gap = lambda name: runs[name].data.metrics["psnr_gap_mean"]  # noqa: E731
-    t5 = pd.read_csv(out / "table5.csv").query("metric == 'psnr_gap_mean' and row == 'value' and model == 'DiT-T/1'")
+    t5 = pd.read_csv(out / "table5.csv")
+    t5 = t5.query("metric == 'psnr_gap_mean' and row == 'value' and model == 'DiT-T/1'")
     t5 = t5.set_index("configuration")["mean"]
     assert list(t5.index) == ["global", "local", "global+weight-sharing", "global+pca-attention"]
     assert t5["global+pca-attention"] == pytest.approx(gap("005_DiT-T-1_global_pca-attention_N10_s0"))

@@ -107,7 +107,9 @@ def test_check_passes_on_a_ray_start_head_cluster(tmp_path):
             time.sleep(2)
         assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
         assert "preflight passed" in check.stdout, check.stdout
-        assert re.search(r"127\.0\.0\.1 \(.*cpu\)\s+versions\s+ok", check.stdout), check.stdout  # the head node
+        assert re.search(r"\(cpu\)\s+versions\s+ok", check.stdout), check.stdout
+        assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{gcs_port}\b", check.stderr)
+        assert "Started a local Ray instance" not in check.stderr  # the head, not a Ray of its own
     finally:
         _stop_head(head, ray_tmp)
 

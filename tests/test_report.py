@@ -90,7 +90,7 @@ def _log_sweep(uri: str, name: str, trials: list[dict]) -> str:
     for t in trials:
         if t["status"] is None:  # planned, never started
             continue
-        tags = {"ditsweep.trial": t["trial"], "ditsweep.role": "trial", "mlflow.parentRunId": parent,
+        tags = {"ditsweep.trial": t["trial"], "ditsweep.role": "trial", "ditsweep.sweep_run_id": parent,
                 **trial_tags(*(t[k] for k in ("model", "arch", "layout", "layout_name", "n_train",
                                               "dataset", "variant")))}
         if t.get("failure"):
@@ -213,7 +213,8 @@ def test_table5_and_dagger_rows_beside_the_papers_runs(tmp_path):
 
     t5 = pd.read_csv(out / "table5.csv").query("metric == 'fid' and model == 'DiT-XS/1'")
     values = t5[t5.row == "value"].set_index(["configuration", "n_train"])["mean"]
-    assert values[("global+pca-attention", 10000)] == 12.0 and values[("global+weight-sharing", 100000)] == 2.25
+    assert values[("global+pca-attention", 10000)] == 12.0
+    assert values[("global+weight-sharing", 100000)] == 2.25
     pct = t5[t5.row == "pct_change"].set_index(["configuration", "n_train"])["display"]
     assert pct[("global+pca-attention", 10000)] == "+20.00%"
     assert "| DiT-XS/1 | w/ PCA | 12.0000 | 3.0000 |" in md
@@ -221,7 +222,8 @@ def test_table5_and_dagger_rows_beside_the_papers_runs(tmp_path):
 
     t1 = pd.read_csv(out / "table1.csv").query("metric == 'fid' and row == 'value'")
     dagger = t1[t1.model == "DiT-XS/1 †"].set_index(["configuration", "n_train"])
-    assert dagger.loc[("local", 10000), "mean"] == 9.0 and dagger.loc[("local", 10000), "dataset"] == "celeba32"
+    assert dagger.loc[("local", 10000), "mean"] == 9.0
+    assert dagger.loc[("local", 10000), "dataset"] == "celeba32"  # the shuffle is the same cell
     assert "| DiT-XS/1 † | w/ Local | 9.0000 |" in md
 
     cmp = pd.read_csv(out / "paper_comparison.csv").set_index(["model", "configuration", "n_train"])
@@ -253,6 +255,32 @@ def test_claims_of_a_small_sweep_count_the_agreeing_seeds(tmp_path):
     assert claims.loc["head better than tail", "agreeing"] == "3/4"              # N=1000 seed 0 not
     assert claims.loc["head better than tail", "verdict"] == "agrees mostly"
     assert "## The paper's claims this sweep can test" in md
+
+
+def test_eigenvectors_of_dit_and_unet_side_by_side(tmp_path):
+    """Figs. 1 and 3: the report draws the final eigenvectors every trial stored as data
+    (jacobian/eigenvectors_t{t}.pt, as the jacobian evaluation writes them), one row per model."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = [dict(trial=f"00{i}_{model}_N{n}", model=model, arch=arch, layout_name=layout_name,
+                   layout=layout, variant="standard", n_train=n, seed=0, dataset="builtin:photos",
+                   status="FINISHED", metrics={"psnr_gap_mean": 1.0})
+              for i, (model, arch, layout_name, layout, n) in enumerate(
+                  [("DiT-T/1", "dit", "global", LAYOUTS["global"], 10), ("UNet-T", "unet", "unet", "-", 10)])]
+    _log_sweep(uri, "eig", trials)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("eig").experiment_id
+    for run in client.search_runs([exp], "tags.`ditsweep.role` = 'trial'"):
+        path = tmp_path / "eigenvectors_t100.pt"
+        torch.save({"values": torch.linspace(1, 0, 8), "vectors": torch.randn(8, 3, 8, 8),
+                    "timestep": 100, "step": 6}, path)
+        client.log_artifact(run.info.run_id, str(path), "jacobian")
+    out = tmp_path / "report"
+    md = write_report("eig", uri, str(out), log_artifacts=False).read_text()
+    assert "## Jacobian eigenvectors (in the manner of Figs. 1 and 3)" in md
+    assert "![Jacobian eigenvectors at t100](jacobian_eigenvectors_t100.png)" in md
+    assert (out / "jacobian_eigenvectors_t100.png").stat().st_size > 5000
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def test_rerun_second_sweep_and_added_fid_train_nothing_twice(tmp_path):
         assert len(originals(client)) == 2
         parent = max(runs_of(client, "reuse", "sweep"), key=lambda r: r.info.start_time)
         fid_links = {r.data.tags["ditsweep.identity"]: r for r in runs_of(client, "reuse")
-                     if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+                     if r.data.tags.get("ditsweep.sweep_run_id") == parent.info.run_id}
         kept = next(i for i in fid_links if i != gone_ident)
         assert "fid" in fid_links[kept].data.metrics
         assert fid_links[kept].data.params["eval.fid.enabled"] == "True"

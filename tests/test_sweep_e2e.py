@@ -31,7 +31,7 @@ def test_tiny_sweep_through_tune_lands_in_mlflow(tmp_path):
     assert parents[0].info.status == "FINISHED"
     assert {r.data.params["layout"] for r in children} == {"G,G,G,G,G,G", "3,5,7,G,G,G"}
     for run in children:
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["ditsweep.sweep_run_id"] == parents[0].info.run_id
         assert run.info.status == "FINISHED"
         params = run.data.params
         assert params["n_train"] == "10" and params["dataset"] == "builtin:photos"

@@ -6,7 +6,8 @@ import torch
 from conftest import tiny_sweep
 from ditsweep.data import load_split
 from ditsweep.spec import Sweep, expand
-from ditsweep.train.loop import Trainer, TrainingDiverged, to_model_range
+from ditsweep.data import to_model_range
+from ditsweep.train.loop import Trainer, TrainingDiverged
 
 
 def trial(**overrides):

@@ -12,9 +12,11 @@ fp32 ran 1.3 ms per image-pass against the 2.1 ms assumed here).
 """
 
 import functools
+import logging
 
 from ditsweep.spec import EvalActorSettings, TrialConfig
 
+log = logging.getLogger(__name__)
 CPU_FLOPS_PER_THREAD = 5e9   # FLOP/s one CPU thread sustains for the denoiser, pessimistic
 GPU_FLOPS = 1e13             # FLOP/s of one GPU in fp32 at evaluation batch sizes, pessimistic
 INCEPTION_FLOPS = 5.7e9      # InceptionV3 at 299x299, per image
@@ -62,4 +64,10 @@ def job_deadline(trial: dict, metrics: list[str], settings: EvalActorSettings) -
     if settings.deadline_scale <= 0:
         return None
     cfg = TrialConfig.model_validate(trial)
-    return max(settings.deadline_min_s, settings.deadline_scale * estimate_seconds(cfg, metrics, settings))
+    try:
+        estimate = estimate_seconds(cfg, metrics, settings)
+    except Exception as e:  # noqa: BLE001 - a model the FLOP counter cannot trace keeps the floor
+        log.warning("no size estimate for %s (%s: %s); deadline %.0f s", cfg.trial, type(e).__name__, e,
+                    settings.deadline_min_s)
+        return settings.deadline_min_s
+    return max(settings.deadline_min_s, settings.deadline_scale * estimate)

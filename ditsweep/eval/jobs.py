@@ -215,8 +215,9 @@ def _jacobian(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]
             # The leading eigenvectors as data, for the report's DiT-vs-UNet figure (Figs. 1, 3).
             pt = ctx.out / f"eigenvectors_t{t}.pt"
             k = s.num_eigenvectors
-            torch.save({"values": values[:k].clone(), "vectors": vectors[:, :k].T.reshape(-1, *x0.shape).clone(),
-                        "timestep": t, "step": ctx.job.step}, pt)
+            top_vectors = vectors[:, :k].T.reshape(-1, *x0.shape).clone()  # [k, C, H, W]
+            torch.save({"values": values[:k].clone(), "vectors": top_vectors, "timestep": t,
+                        "step": ctx.job.step}, pt)
             files.append((pt, "jacobian"))
         png = ctx.out / f"eigenvectors_{ctx.tag}_t{t}.png"
         jacobian.plot_eigenvectors(values, vectors, tuple(x0.shape), s.num_eigenvectors,

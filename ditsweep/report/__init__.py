@@ -154,7 +154,8 @@ def _eigenvector_section(client: MlflowClient, data: SweepData, out: Path) -> st
              "per model, configuration and N (first seed), split into R, G, B."]
     for t, rows in sorted(by_t.items()):
         name = f"jacobian_eigenvectors_{t}.png"
-        plot_eigenvectors_side_by_side(rows, 8, f"Jacobian eigenvectors at {t}: DiT vs UNet", out / name)
+        plot_eigenvectors_side_by_side(rows, 8, f"Jacobian eigenvectors at {t}: UNet vs DiT (Figs. 1, 3)",
+                                       out / name)
         parts.append(f"![Jacobian eigenvectors at {t}]({name})")
     return "\n\n".join(parts)
 

@@ -51,7 +51,8 @@ def claim_table(trials: pd.DataFrame) -> pd.DataFrame:
         pairs = _pairs(trials, {"config": "local", "n_train": ns[0]},
                        {"config": "global", "n_train": ns[0]}, KEY + ["n_train"])
         agree = sum(a < b for _, a, b in pairs)
-        rows.append(("local attention helps at small N", "local has a smaller gap than global (Table 1, Fig. 6)",
+        rows.append(("local attention helps at small N",
+                     "local has a smaller gap than global (Table 1, Fig. 6)",
                      f"gap of local < global at N={ns[0]}, per seed", agree, len(pairs)))
     if {"local", "local-tail"} <= configs:
         pairs = _pairs(trials, {"config": "local"}, {"config": "local-tail"}, KEY + ["n_train"])

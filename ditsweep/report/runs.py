@@ -54,7 +54,7 @@ def load_sweep(client: MlflowClient, experiment: str, parent_run_id: str | None 
     planned = _planned_trials(client, parent.info.run_id)
     # Deleted runs too, so that a deleted trial says so instead of looking as if it never ran.
     children = _search(client, exp.experiment_id,
-                       f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+                       f"tags.`ditsweep.sweep_run_id` = '{parent.info.run_id}'")
     trials = _trial_frame(planned, children)
     sweep = parent.data.tags.get("ditsweep.sweep", parent.info.run_name or "")
     data = SweepData(experiment, exp.experiment_id, parent.info.run_id, sweep, trials)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from ditsweep.tracking.run_logger import RunLogger, log_batch, retrying
 
@@ -23,6 +23,9 @@ TRIAL_TAG = "ditsweep.trial"
 SWEEP_TAG = "ditsweep.sweep"
 ROLE_TAG = "ditsweep.role"  # "sweep" or "trial"
 IDENTITY_TAG = "ditsweep.identity"  # ditsweep.identity.trial_identity
+# A trial run names its sweep run by this tag, not by MLflow's parent tag: the MLflow UI folds
+# child runs under their parent, which hid every trial of a sweep behind one row.
+SWEEP_RUN_TAG = "ditsweep.sweep_run_id"
 
 
 # MLflow 3's UI opens an experiment without a kind on its GenAI overview ("No data"); marked as
@@ -113,7 +116,7 @@ class TrialRun:
             all_tags = {TRIAL_TAG: trial_name, ROLE_TAG: "trial", MLFLOW_RUN_NAME: trial_name,
                         **(tags or {})}
             if parent_run_id:
-                all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+                all_tags[SWEEP_RUN_TAG] = parent_run_id
             run = retrying(lambda: self.client.create_run(exp_id, run_name=trial_name,
                                                           tags=all_tags), "create trial run")
             self.run_id = run.info.run_id
@@ -131,7 +134,7 @@ class TrialRun:
         # name for another trial, and must not append to that trial's run.
         key, value = (IDENTITY_TAG, identity) if identity else (TRIAL_TAG, trial_name)
         query = (f"tags.`{key}` = '{value}' and "
-                 f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+                 f"tags.`{SWEEP_RUN_TAG}` = '{parent_run_id}'")
         runs = retrying(lambda: self.client.search_runs([exp_id], query, max_results=2), "search")
         return runs[0].info.run_id if runs else None
 

@@ -17,14 +17,17 @@ Choices for the bad cases:
 
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import Metric, ViewType
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from ditsweep.tracking.mlflow_runs import IDENTITY_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG, experiment_id, retrying
+from ditsweep.tracking.run_logger import log_batch
+from ditsweep.tracking.mlflow_runs import (IDENTITY_TAG, ROLE_TAG, SWEEP_RUN_TAG, SWEEP_TAG, TRIAL_TAG,
+                                           experiment_id, retrying)
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +43,6 @@ POLL_SECONDS = float(os.environ.get("DITSWEEP_TWIN_POLL_SECONDS", 10))
 _COPIED_TAG_PREFIX = "ditsweep."
 _NOT_COPIED = {SWEEP_TAG, TRIAL_TAG, HEARTBEAT_TAG, "ditsweep.trial_pid", "ditsweep.trial_host",
                "ditsweep.evaluator_pid", "ditsweep.evaluator_host", "ditsweep.resumed_from_step"}
-
-
-def _log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (),
-               params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-               attempts: int = 8) -> None:
-    """log_batch in chunks below MLflow's limits (1000 metrics, 100 params per call)."""
-    params_ = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-    tags_ = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    metrics = list(metrics)
-    for i in range(0, max(len(params_), len(tags_), 1), 100):
-        if params_[i:i + 100] or tags_[i:i + 100]:
-            retrying(lambda: client.log_batch(run_id, params=params_[i:i + 100], tags=tags_[i:i + 100]),
-                     "log params", attempts)
-    for i in range(0, len(metrics), 1000):
-        retrying(lambda: client.log_batch(run_id, metrics=metrics[i:i + 1000]), "log metrics", attempts)
 
 
 def _all_experiment_ids(client: MlflowClient) -> list[str]:
@@ -111,12 +99,12 @@ def find_active(client: MlflowClient, identity: str, exclude_run: str | None = N
     """Originals of this identity training right now, oldest first (the first one trains)."""
     runs = [r for r in search_by_tag(client, IDENTITY_TAG, identity, "attributes.status = 'RUNNING'")
             if is_original(r) and is_alive(r) and r.info.run_id != exclude_run
-            and (exclude_parent is None or r.data.tags.get(MLFLOW_PARENT_RUN_ID) != exclude_parent)]
+            and (exclude_parent is None or r.data.tags.get(SWEEP_RUN_TAG) != exclude_parent)]
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def heartbeat(client: MlflowClient, run_id: str) -> None:
-    _log_batch(client, run_id, tags={HEARTBEAT_TAG: str(int(time.time()))}, attempts=2)
+    log_batch(client, run_id, tags={HEARTBEAT_TAG: str(int(time.time()))}, attempts=2)
 
 
 def wait_for_twin(client: MlflowClient, run_id: str, identity: str):
@@ -147,7 +135,7 @@ def create_link(client: MlflowClient, experiment: str, parent_run_id: str, trial
     tags = {k: v for k, v in original.data.tags.items()
             if k.startswith(_COPIED_TAG_PREFIX) and k not in _NOT_COPIED}
     tags.update({TRIAL_TAG: trial_name, ROLE_TAG: "trial", SWEEP_TAG: sweep_name,
-                 MLFLOW_RUN_NAME: trial_name, MLFLOW_PARENT_RUN_ID: parent_run_id,
+                 MLFLOW_RUN_NAME: trial_name, SWEEP_RUN_TAG: parent_run_id,
                  REUSED_FROM_TAG: original.info.run_id,
                  REUSED_EXPERIMENT_TAG: original.info.experiment_id,
                  "mlflow.note.content": f"Reused: trained in run {original.info.run_id} "
@@ -155,7 +143,7 @@ def create_link(client: MlflowClient, experiment: str, parent_run_id: str, trial
                                         "metrics copied from it."})
     run = retrying(lambda: client.create_run(exp_id, run_name=trial_name, tags=tags), "create link run")
     merged = {**original.data.params, "sweep": sweep_name, **(params or {})}
-    _log_batch(client, run.info.run_id, params=merged)
+    log_batch(client, run.info.run_id, params=merged)
     return run.info.run_id
 
 
@@ -167,8 +155,25 @@ def copy_metrics(client: MlflowClient, source_run_id: str, dest_run_id: str,
     for key in keys if keys is not None else source.data.metrics:
         history = retrying(lambda: client.get_metric_history(source_run_id, key), "history")
         batch += [Metric(m.key, m.value, m.timestamp, m.step) for m in history]
-    _log_batch(client, dest_run_id, metrics=batch)
+    log_batch(client, dest_run_id, metrics=batch)
     return len(batch)
+
+
+def copy_artifacts(client: MlflowClient, source_run_id: str, dest_run_id: str,
+                   skip: list[str] = ()) -> None:
+    """Copy the original's artifacts (plots, sample grids, attention_pca/components.pt that a
+    stage-2 sweep reads from this sweep's trial), except the top-level folders in `skip`
+    (evaluations recomputed for the link)."""
+    with tempfile.TemporaryDirectory(prefix="ditsweep-link-") as d:
+        for item in retrying(lambda: client.list_artifacts(source_run_id), "list artifacts"):
+            if item.path.split("/")[0] in skip:
+                continue
+            local = retrying(lambda: client.download_artifacts(source_run_id, item.path, d), "download")
+            folder = os.path.dirname(item.path) or None
+            if item.is_dir:
+                retrying(lambda: client.log_artifacts(dest_run_id, local, item.path), "upload")
+            else:
+                retrying(lambda: client.log_artifact(dest_run_id, local, folder), "upload")
 
 
 def finish_link(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
@@ -181,6 +186,7 @@ def link_to(client: MlflowClient, experiment: str, parent_run_id: str, trial_nam
     """create_link + copy_metrics (+ finish_link)."""
     run_id = create_link(client, experiment, parent_run_id, trial_name, sweep_name, original, params)
     copy_metrics(client, original.info.run_id, run_id)
+    copy_artifacts(client, original.info.run_id, run_id)
     if finish:
         finish_link(client, run_id)
     return run_id
@@ -193,6 +199,7 @@ def become_link(client: MlflowClient, run_id: str, original) -> None:
             if k.startswith(_COPIED_TAG_PREFIX) and k not in _NOT_COPIED}
     tags.update({REUSED_FROM_TAG: original.info.run_id,
                  REUSED_EXPERIMENT_TAG: original.info.experiment_id})
-    _log_batch(client, run_id, tags=tags)
+    log_batch(client, run_id, tags=tags)
     copy_metrics(client, original.info.run_id, run_id)
+    copy_artifacts(client, original.info.run_id, run_id)
     finish_link(client, run_id)

@@ -83,15 +83,13 @@ class RunLogger:
 def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] = (),
               params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
               attempts: int = 8) -> None:
-    """log_batch in chunks below MLflow's limits (1000 metrics, 100 params per call)."""
+    """log_batch in chunks below MLflow's limits (1000 metrics, 100 params and 100 tags per call)."""
     param_list = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     metrics = list(metrics)
-    for i in range(0, max(len(param_list), 1), 100):
-        chunk = param_list[i:i + 100]
-        if chunk or (i == 0 and tag_list):
-            retrying(lambda: client.log_batch(run_id, params=chunk, tags=tag_list if i == 0 else []),
-                     "log params")
+    for i in range(0, max(len(param_list), len(tag_list)), 100):
+        retrying(lambda: client.log_batch(run_id, params=param_list[i:i + 100], tags=tag_list[i:i + 100]),
+                 "log params", attempts)
     for i in range(0, len(metrics), 1000):
         chunk = metrics[i:i + 1000]
         retrying(lambda: client.log_batch(run_id, metrics=chunk), "log metrics", attempts=attempts)

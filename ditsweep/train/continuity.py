@@ -41,7 +41,7 @@ def twin_to_link(cfg: TrialConfig, run, has_checkpoint: bool) -> dict | None:
     """When another sweep has trained this identity, or trains it and started first, wait for it
     and make this trial's run a link to it; returns the final metrics for Tune, else None (train).
     A trial that has a checkpoint of its own already trains it: it never waits."""
-    if not cfg.identity or has_checkpoint or _own_latest(cfg, run):
+    if not cfg.identity or not cfg.reuse or has_checkpoint or _own_latest(cfg, run):
         return None
     beat(cfg, run, force=True)
     original = wait_for_twin(run.client, run.run_id, cfg.identity)

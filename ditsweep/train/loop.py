@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ditsweep.data import to_model_range  # noqa: F401 (re-exported for the trainable and tests)
 from ditsweep.diffusion import create_diffusion
 from ditsweep.models import build_model, set_pca_components
 from ditsweep.tracking.inputs import pca_components_for

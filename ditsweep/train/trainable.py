@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from ditsweep.data import load_split
+from ditsweep.data import load_split, to_model_range
 from ditsweep.data.stream import stream_train_batches
 from ditsweep.eval.actors import Evaluator
 from ditsweep.eval.jobs import METRICS
+from ditsweep.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
 from ditsweep.spec import TrialConfig
 from ditsweep.tracking import TrialRun
 from ditsweep.tracking.tags import trial_tags
 from ditsweep.train.continuity import beat, identity_tags, restore_from_storage, store_checkpoint, twin_to_link
-from ditsweep.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
-from ditsweep.train.loop import Trainer, to_model_range
+from ditsweep.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 20.0
