@@ -257,8 +257,8 @@ def _evaluate_saved(client, cfg: TrialConfig, run_id: str, p: Planned, pool):
                    f"checkpoint of run {p.original.info.run_id} is gone ({e}); its other metrics are "
                    "linked; run with --no-reuse to train it again")
         print(f"warning: {message}", file=sys.stderr)
-        from ditsweep.tracking.reuse import _log_batch
-        _log_batch(client, run_id, tags={FAILURE_TAG: message[:5000]})
+        from ditsweep.tracking.run_logger import log_batch
+        log_batch(client, run_id, tags={FAILURE_TAG: message[:5000]})
         return None
     weights = state["ema"] if cfg.eval.use_ema else state["model"]
     return evaluate_saved(pool, cfg, run_id, weights, int(state["step"]), p.recompute)

@@ -1,5 +1,6 @@
-"""A sweep survives ordinary failures: a killed trial worker, a killed driver (--resume), a
-tracking server that goes away for a few seconds, and a diverging trial. Every test runs the real
+"""A sweep survives ordinary failures: a killed trial worker, a tracking server that goes away
+for a few seconds, and a diverging trial (a killed driver: tests/test_reuse.py, the same command
+continues the sweep). Every test runs the real
 `python -m ditsweep.run` with a local Ray and reads the results back from MLflow."""
 
 import os
@@ -67,42 +68,6 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
     assert 0 < resumed < 240 and resumed % 40 == 0
     assert run.data.tags["ditsweep.attempts"] == "2"  # a dead worker is transient: retried once
     assert_clean_history(client, run.info.run_id, "loss", list(range(10, 241, 10)))
-
-
-def test_killed_driver_is_recovered_by_resume(tmp_path):
-    sweep = long_sweep("killdriver", steps=160)
-    sweep["grid"]["seed"] = [0, 1]
-    sweep["resources"]["max_concurrent_trials"] = 1
-    path = write_sweep(tmp_path, sweep)
-    driver = start(path, tmp_path)
-    try:
-        wait_for(lambda: checkpoints(tmp_path, "killdriver", "001"), 300, "a checkpoint of trial 2")
-        time.sleep(2)  # let Tune save its experiment state
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        driver.wait()
-    finally:
-        stop(driver)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, runs, parents = trial_runs(uri, "killdriver")
-    first = next(r for r in runs if r.data.tags["ditsweep.trial"].startswith("000"))
-    assert first.info.status == "FINISHED"
-    first_end = first.info.end_time
-
-    resumed = start(path, tmp_path, "--resume")
-    try:
-        assert resumed.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
-    finally:
-        stop(resumed)
-    client, runs, parents_after = trial_runs(uri, "killdriver")
-    assert [p.info.run_id for p in parents_after] == [p.info.run_id for p in parents]
-    assert parents_after[0].info.status == "FINISHED"
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    by_name = {r.data.tags["ditsweep.trial"][:3]: r for r in runs}
-    assert by_name["000"].info.end_time == first_end  # the finished trial was not run again
-    assert "ditsweep.resumed_from_step" not in by_name["000"].data.tags
-    assert int(by_name["001"].data.tags["ditsweep.resumed_from_step"]) >= 40
-    for run in runs:
-        assert_clean_history(client, run.info.run_id, "loss", list(range(10, 161, 10)))
 
 
 def test_tracking_server_outage_loses_no_metric(tmp_path):

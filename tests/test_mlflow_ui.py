@@ -18,7 +18,7 @@ import pytest
 import browser
 from test_report import LAYOUTS, _runs_of, mlflow_server, served_sweep  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("served_sweep")]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WINDOW = (1600, 1000)
 

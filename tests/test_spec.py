@@ -100,3 +100,7 @@ def test_dry_run_prints_the_trial_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "8 trials" in proc.stdout and "3,5,7,G,G,G" in proc.stdout
     assert not (tmp_path / "ray_results").exists()
+    # --resume is still accepted (a sweep now continues without it; old scripts keep working).
+    resumed = subprocess.run([PYTHON, "-m", "ditsweep.run", str(path), "--dry-run", "--resume"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0 and resumed.stdout == proc.stdout, resumed.stderr

@@ -17,7 +17,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 from ditsweep.tracking.run_logger import RunLogger, log_batch, retrying
 
 log = logging.getLogger(__name__)
-_log_batch = log_batch  # old private name, still imported by some modules
 
 TRIAL_TAG = "ditsweep.trial"
 SWEEP_TAG = "ditsweep.sweep"
