@@ -194,7 +194,8 @@ def dry_run_lines(sweep: Sweep, plans: list[Planned]) -> str:
     kind = "GPU" if sweep.resources.gpus_per_trial else "CPU"
     saved = (f"{sum(hours):,.1f} {kind}-hours saved" if reused and all(h is not None for h in hours)
              else f"0.0 {kind}-hours saved" if not reused
-             else "hours saved unknown (set resources.steps_per_second)")
+             else "hours saved unknown (no calibration file for resources.gpu, "
+                  "and no resources.steps_per_second)")
     lines.append(f"{len(reused)} trials reused, {saved}; {len(plans) - len(reused)} to train")
     return "\n".join(lines)
 

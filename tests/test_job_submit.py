@@ -46,6 +46,13 @@ def test_ray_job_submit_runs_the_sweep(tmp_path):
         env=env, capture_output=True, text=True, timeout=180)
     try:
         assert head.returncode == 0, head.stdout + head.stderr
+        # The pre-flight, by hand, against this head (it also runs by itself under job submit).
+        check = subprocess.run([sys.executable, "-m", "ditsweep.run", "sweep.yaml", "--check"],
+                               cwd=job_dir, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
+                               capture_output=True, text=True, timeout=300)
+        assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+        assert "preflight passed" in check.stdout and "versions" in check.stdout, check.stdout
+        assert f":{gcs_port}" in check.stderr and "Started a local Ray instance" not in check.stderr
         for _ in range(30):  # the head's job agent needs a moment after `ray start`
             submit = subprocess.run(
                 [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",

@@ -1,24 +1,18 @@
-"""Pre-flight (`python -m ditsweep.run SWEEP.yaml --check`): passes on a local Ray and on a head
-started with `ray start --head`; exits 2 with one clear line per problem when the tracking server
-is down, a manifest is missing, or the working directory is too big to submit."""
+"""Pre-flight (`python -m ditsweep.run SWEEP.yaml --check`): passes on a local Ray (and on a head
+started with `ray start --head`: tests/test_job_submit.py); exits 2 with one clear line per
+problem when the tracking server is down, a manifest is missing, or the working directory is too
+big to submit."""
 
-import os
 import re
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, tiny_sweep, write_sweep
+from conftest import tiny_sweep, write_sweep
 from ditsweep.preflight import working_dir_checks
 from procs import free_port
 
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 def sparse_file(path: Path, size: int) -> Path:
@@ -75,63 +69,3 @@ def test_check_passes_locally_and_fails_with_exit_2_naming_each_problem(tmp_path
         print(f"two checks took {time.monotonic() - start:.1f} s")
     finally:
         ray.shutdown()
-
-
-@pytest.mark.slow
-def test_check_passes_on_a_ray_start_head_cluster(tmp_path):
-    """A real `ray start --head` on free loopback ports and its own temp dir. It runs with
-    --block in its own session, so it is stopped by signalling that session: never `ray stop`,
-    which would stop every Ray on the machine."""
-    gcs_port = free_port()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))  # Unix socket paths must be short
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(ray_tmp),
-         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port",
-         str(free_port()), "--runtime-env-agent-port", str(free_port()),
-         "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-         "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        write_sweep(tmp_path, tiny_sweep(name="onhead"), "sweep.yaml")
-        for _ in range(60):  # the head takes a while to accept drivers
-            check = subprocess.run([PYTHON, "-m", "ditsweep.run", "sweep.yaml", "--check"], cwd=tmp_path,
-                                   env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"},
-                                   capture_output=True, text=True, timeout=300)
-            if check.returncode == 0 or "preflight" in check.stdout:
-                break
-            time.sleep(2)
-        assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
-        assert "preflight passed" in check.stdout, check.stdout
-        assert re.search(r"\(cpu\)\s+versions\s+ok", check.stdout), check.stdout
-        assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{gcs_port}\b", check.stderr)
-        assert "Started a local Ray instance" not in check.stderr  # the head, not a Ray of its own
-    finally:
-        _stop_head(head, ray_tmp)
-
-
-def _stop_head(head: subprocess.Popen, ray_tmp: Path) -> None:
-    """SIGTERM to the `ray start --block` session (it stops the processes it started), then
-    SIGKILL to anything still running from this head's temp dir: those are ours alone."""
-    import signal
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(ray_tmp).encode() in cmd and entry.stat().st_uid == os.getuid():
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    shutil.rmtree(ray_tmp, ignore_errors=True)

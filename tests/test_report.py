@@ -28,9 +28,6 @@ from ditsweep.report import main as report_main
 from ditsweep.report import write_report
 from ditsweep.tracking.tags import configuration, layout_family, trial_tags, window_config
 
-# The served sweep (a session fixture) is made once: these tests share a worker.
-pytestmark = pytest.mark.xdist_group("served_sweep")
-
 SWEEP = "report-tiny"
 LAYOUTS = {"global": "G,G,G,G,G,G", "local": "3,5,7,G,G,G"}
 
