@@ -45,7 +45,9 @@ def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("mean PSNR gap (dB)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"{spec.title}\nPSNR gap ↓, mean ± std over seeds", fontsize=10)
+    most = int(values.n.max()) if len(values) else 0
+    spread = "one run per bar" if most <= 1 else f"mean ± std over up to {most} seeds/shuffles"
+    fig.suptitle(f"{spec.title}\nPSNR gap ↓, {spread}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -92,7 +94,10 @@ def plot_curves(curves: pd.DataFrame, trials: pd.DataFrame, dataset: str, path: 
             ax.set_ylabel("dB")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"PSNR curves on {dataset} (mean ± std over seeds)", fontsize=10)
+    runs_per_cell = sub.groupby(["model", "variant", "config", "n_train"]).size()
+    spread = ("one run per curve" if runs_per_cell.max() == 1
+              else f"mean ± std over up to {runs_per_cell.max()} seeds/shuffles")
+    fig.suptitle(f"PSNR curves on {dataset} ({spread})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
