@@ -43,3 +43,16 @@ def write_sweep(tmp_path: Path, sweep: dict, name: str = "sweep.yaml") -> Path:
 @pytest.fixture
 def sweep_file(tmp_path):
     return lambda **overrides: write_sweep(tmp_path, tiny_sweep(**overrides))
+
+
+def trial(**overrides):
+    """The first trial of a tiny sweep (see tiny_sweep), fully resolved."""
+    from ditsweep.spec import Sweep, expand
+    return expand(Sweep.model_validate(tiny_sweep(**overrides)))[0]
+
+
+def images(n: int = 10):
+    """The last n built-in photos at 8x8 in the models' range [-1, 1]."""
+    from ditsweep.data import load_split, to_model_range
+    train, _ = load_split("builtin:photos", 8, n, 0)
+    return to_model_range(train)

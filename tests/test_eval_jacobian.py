@@ -9,6 +9,14 @@ from ditsweep.eval.jacobian import (asymmetry, chunk_for_memory, denoiser_jacobi
 from ditsweep.models import build_model
 
 
+
+def random_dit() -> torch.nn.Module:
+    """DiT-T/1 with every weight drawn (the zero-initialised adaLN would make it trivial)."""
+    model = build_model("DiT-T/1", image_size=8, layout="3,5,7,G,G,G").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
 def test_jacobian_of_a_linear_map_is_its_matrix():
     torch.manual_seed(0)
     a = torch.randn(12, 12)
@@ -57,9 +65,7 @@ def test_denoiser_jacobian_of_a_linear_noise_predictor():
 
 def test_chunked_jacobian_of_a_dit_matches_autograd():
     torch.manual_seed(3)
-    model = build_model("DiT-T/1", image_size=8, layout="3,5,7,G,G,G").eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    model = random_dit()
     diffusion = create_diffusion()
     x_t = torch.randn(3, 8, 8)
 
@@ -96,9 +102,7 @@ def test_32x32_rows_in_forced_small_chunks_equal_the_matrix():
 
 def test_dit_jacobian_in_small_or_memory_chosen_chunks_equals_the_full_computation():
     torch.manual_seed(5)
-    model = build_model("DiT-T/1", image_size=8, layout="3,5,7,G,G,G").eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    model = random_dit()
     x0 = torch.rand(3, 8, 8) * 2 - 1
     full = denoiser_jacobian(model, x0, 100, chunk=192)   # one pass: every row at once
     assert torch.allclose(denoiser_jacobian(model, x0, 100, chunk=23), full, atol=1e-5)

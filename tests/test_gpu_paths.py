@@ -9,22 +9,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_sweep
-from ditsweep.data import load_split, to_model_range
+from conftest import images, tiny_sweep, trial
 from ditsweep.spec import Sweep, expand
 from ditsweep.train.gpu import precision_scope, setup_compile_cache, tf32_flags
 from ditsweep.train.loop import Trainer, TrainingDiverged
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-
-def trial(**overrides):
-    return expand(Sweep.model_validate(tiny_sweep(**overrides)))[0]
-
-
-def images(n=10):
-    train, _ = load_split("builtin:photos", 8, n, 0)
-    return to_model_range(train)
 
 
 def flags():

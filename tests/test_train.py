@@ -3,20 +3,10 @@
 import pytest
 import torch
 
-from conftest import tiny_sweep
-from ditsweep.data import load_split
-from ditsweep.spec import Sweep, expand
+from conftest import images, trial
 from ditsweep.data import to_model_range
 from ditsweep.train.loop import Trainer, TrainingDiverged
 
-
-def trial(**overrides):
-    return expand(Sweep.model_validate(tiny_sweep(**overrides)))[0]
-
-
-def images(n=10):
-    train, _ = load_split("builtin:photos", 8, n, 0)
-    return to_model_range(train)
 
 
 def test_images_are_scaled_to_minus_one_one():
