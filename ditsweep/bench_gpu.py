@@ -315,6 +315,10 @@ def write(out: Path, path: Path | None = None) -> Path:
     train = [{k: r[k] for k in keep if k in r} for r in rows
              if r["kind"] in ("train", "pack") and "error" not in r and r.get("backend", "auto") == "auto"]
     evals = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "eval" and "error" not in r]
+    peak = next((r["bf16_matmul_tflops"] for r in rows if r["kind"] == "peak" and r.get("bf16_matmul_tflops")), None)
+    for r in train:  # rows from processes that did not measure the peak themselves
+        if peak and r.get("tflop_per_step") and r.get("fraction_of_bf16_peak") is None:
+            r["fraction_of_bf16_peak"] = r["tflop_per_step"] * r["steps_per_second"] / peak
     path = path or out / f"{gpu_slug(gpu)}.json"
     return write_calibration(path, gpu, datetime.date.today().isoformat(),
                              "python -m ditsweep.bench --gpu (ditsweep/bench_gpu.py)",

@@ -14,7 +14,8 @@
 # bf16-vs-tf32 drift does not fit this command; a second call (about 530 s) measures it:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && \
 #   PYTHONPATH=.:/tmp/site python3 -m ditsweep.bench --gpu --phases drift --drift-steps 2000 --out $OUT
-# Knobs: BUDGET (s, 540), BUILD (trim|none), BUILD_DEADLINE (s after start, 330), WORKERS (12:
+# Knobs: BUDGET (s, 540), EVAL (1; 0 skips the evaluation costs), BUILD (trim|none),
+# BUILD_DEADLINE (s after start, 330), WORKERS (12:
 # leaves 4 cores to the bench), KIT (.gpu), PY (python3), WORK (/tmp/ditsweep-gpu-measure), SMOKE=1
 # (a CPU dry run of this script: tiny models, no NATTEN build).
 set -u
@@ -72,7 +73,7 @@ fi
 
 # ---- A: what needs no libnatten, while it builds (global layouts, UNet, evaluation costs)
 bench "$NATTEN_PY" --phases peak,syncs,global --precisions tf32,bf16 --compile off
-bench "$NATTEN_PY" --phases eval --eval-precision tf32
+[ "${EVAL:-1}" = 1 ] && bench "$NATTEN_PY" --phases eval --eval-precision tf32
 bench "$NATTEN_PY" --phases unet --precisions tf32 --compile off
 A_LATER=("--phases global --precisions bf16 --compile on" "--phases global --precisions fp32 --compile off"
          "--phases global --precisions tf32 --compile on" "--phases unet --precisions bf16 --compile off")

@@ -3,6 +3,8 @@ without host syncs, device-side RNG in checkpoints, divergence found late but na
 torch.compile with a per-node cache, and calibration files feeding --dry-run."""
 
 import json
+import subprocess
+import sys
 import math
 
 import pytest
@@ -247,3 +249,44 @@ def test_flops_counted_on_meta_leave_real_models_working():
     assert flops > step_flops("DiT-T/1", "3,5,7,G,G,G", 8, 2) > 0
     model = build_model("DiT-T/1", 8, 3, layout="local", attention_backend="torch")
     assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)
+
+
+def test_only_trials_with_local_blocks_name_a_local_kernel():
+    """An all-global DiT has no neighborhood blocks: no kernel tag, no fallback warning."""
+    assert "ditsweep.local_attention_kernel" not in Trainer(trial(), images()).pop_tags()
+    local = Trainer(trial(grid__layout=["local"]), images()).pop_tags()
+    assert local["ditsweep.local_attention_kernel"] == "torch" and "ditsweep.attention_fallback" not in local
+
+
+def test_calibration_file_gets_fraction_of_peak_from_the_runs_peak(tmp_path):
+    """Rows measured in another process than the bf16 peak still get their fraction of it."""
+    from ditsweep.bench_gpu import write
+    rows = [{"kind": "env", "gpu": "Test GPU"}, {"kind": "peak", "bf16_matmul_tflops": 500.0},
+            {"kind": "train", "model": "DiT-XS/1", "layout": "G", "precision": "bf16", "compile": True,
+             "trials_per_gpu": 1, "steps_per_second": 20.0, "tflop_per_step": 5.0,
+             "fraction_of_bf16_peak": None}]
+    (tmp_path / "bench_gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = json.loads(write(tmp_path).read_text())
+    assert data["gpu"] == "Test GPU" and data["train"][0]["fraction_of_bf16_peak"] == 0.2
+
+
+def test_shipped_h200_calibration_holds_the_measured_figures():
+    from ditsweep.calibration import find_calibration
+    cal = find_calibration("NVIDIA H200")
+    rows = {(r["model"], r["layout"][:1], r["precision"], r["compile"], r["trials_per_gpu"]):
+            round(r["steps_per_second"], 2) for r in cal.data["train"]}
+    # scripts/gpu_measure.sh on an H200, 2026-11-26 (README "GPU speed")
+    assert rows == {("DiT-XS/1", "G", "fp32", False, 1): 4.81, ("DiT-XS/1", "G", "tf32", False, 1): 6.72,
+                    ("DiT-XS/1", "G", "tf32", True, 1): 8.22, ("DiT-XS/1", "G", "bf16", False, 1): 13.88,
+                    ("DiT-XS/1", "G", "bf16", True, 1): 24.64, ("DiT-XS/1", "3", "tf32", False, 1): 7.36,
+                    ("DiT-XS/1", "3", "bf16", False, 1): 13.6, ("DiT-XS/1", "3", "bf16", True, 1): 23.49,
+                    ("DiT-XS/1", "3", "bf16", True, 2): 10.62, ("UNet-XS", "-", "tf32", False, 1): 11.03,
+                    ("UNet-XS", "-", "bf16", False, 1): 10.65}
+    assert sorted(e["metric"] for e in cal.data["eval"]) == ["fid_sampling", "jacobian", "psnr_gap"]
+
+
+def test_gpu_bench_needs_neither_mlflow_nor_ray():
+    """The device machine has torch but no MLflow or Ray: the bench and the Trainer import without."""
+    code = ("import sys; sys.modules.update(mlflow=None, ray=None); "
+            "import ditsweep.bench_gpu; from ditsweep.train.loop import Trainer")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

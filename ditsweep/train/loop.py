@@ -19,7 +19,6 @@ import torch
 
 from ditsweep.diffusion import create_diffusion
 from ditsweep.models import build_model, set_pca_components
-from ditsweep.tracking.inputs import pca_components_for
 from ditsweep.models.attention import choose_local_kernel, has_libnatten, prepare_flex
 from ditsweep.spec import TrialConfig
 from ditsweep.train.gpu import compile_model, precision_scope
@@ -37,21 +36,24 @@ def pick_device(gpus: float) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: TrialConfig, train_images: torch.Tensor | None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, pca: torch.Tensor | None = None):
         """`train_images` float [N, C, H, W] in [-1, 1]; None when batches are streamed: then set
-        `self.batches` to an iterator of such batches before training."""
+        `self.batches` to an iterator of such batches before training. `pca`: stage 1's
+        [blocks, K, N, N] components for a pca-attention trial (Appendix C stage 2)."""
         self.cfg = cfg
         self.device = device or pick_device(cfg.resources.gpus_per_trial)
         self.precision = cfg.train.precision
         self.tags: dict[str, str] = {}  # for the trial's MLflow run; see pop_tags
         kernel, note = choose_local_kernel(cfg.train.attention_backend, self.device.type, self.precision,
                                            self.device.type == "cuda" and has_libnatten())
-        if note:  # once per trial: the trial's log and an MLflow tag
-            log.warning("trial %s: %s", cfg.trial, note)
-            self.tags["ditsweep.attention_fallback"] = note
-        self.tags["ditsweep.local_attention_kernel"] = kernel
+        if cfg.arch == "dit" and any(w != "G" for w in cfg.layout.split(",")):  # has local blocks
+            if note:  # once per trial: the trial's log and an MLflow tag
+                log.warning("trial %s: %s", cfg.trial, note)
+                self.tags["ditsweep.attention_fallback"] = note
+            self.tags["ditsweep.local_attention_kernel"] = kernel
+        else:  # all-global or a UNet: no neighborhood blocks, so no kernel to choose
+            kernel = "torch"
         torch.manual_seed(cfg.seed)  # model initialisation
-        pca = pca_components_for(cfg)  # Appendix C stage 2: stage 1's PCs (ditsweep/tracking/inputs.py)
         self.model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
                                  layout=None if cfg.arch != "dit" else cfg.layout,
                                  weight_sharing=cfg.variant == "weight-sharing",

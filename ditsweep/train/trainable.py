@@ -22,6 +22,7 @@ from ditsweep.eval.jobs import METRICS
 from ditsweep.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
 from ditsweep.spec import TrialConfig
 from ditsweep.tracking import TrialRun
+from ditsweep.tracking.inputs import pca_components_for
 from ditsweep.tracking.tags import trial_tags
 from ditsweep.train.continuity import beat, identity_tags, restore_from_storage, store_checkpoint, twin_to_link
 from ditsweep.train.loop import Trainer
@@ -119,11 +120,12 @@ def _train_trial(config: dict, attempt: dict) -> None:
     if linked is not None:  # another sweep trained this identity: this run now links to it
         tune.report(linked)
         return
+    pca = pca_components_for(cfg)  # Appendix C stage 2: stage 1's components, from MLflow
     if cfg.data.stream:
-        trainer = Trainer(cfg, None)
+        trainer = Trainer(cfg, None, pca=pca)
     else:
         train_u8, _ = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, 0)
-        trainer = Trainer(cfg, to_model_range(train_u8))
+        trainer = Trainer(cfg, to_model_range(train_u8), pca=pca)
     attempt["trainer"] = trainer
     evaluator = _evaluator(cfg, run)
 
