@@ -100,7 +100,8 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
     progress = SweepProgress({t.trial: t.train.steps for t in to_train})
     tuner = _tuner(sweep, storage, trainable, configs, progress, verbose) if configs else None
     from ditsweep.eval.actors import start_pool, stop_pool
-    pool = start_pool(sweep)  # before Tune places trials, so Ray holds the evaluators' resources
+    # before Tune places trials, so Ray holds the evaluators' resources
+    pool = start_pool(sweep, trials=len(to_train) + sum(1 for p in reused if p.recompute))
     progress.pool = pool  # the view shows each trial's evaluation jobs
     try:
         pending = link_reused(sweep, plans, parent_run_id, pool)  # evaluation-only jobs start now

@@ -56,6 +56,8 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
         wait_for(lambda: checkpoints(tmp_path, "killworker", "000"), 180, "a first checkpoint")
         workers = [pid for pid, cmd in descendants(driver.pid) if "ImplicitFunc" in cmd]
         assert len(workers) == 1, descendants(driver.pid)
+        # one trial: one evaluation worker, although eval.actors.count is 2
+        assert sum("ray::EvalWorker" in cmd for _, cmd in descendants(driver.pid)) == 1
         os.kill(workers[0], signal.SIGKILL)
         assert driver.wait(timeout=300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:

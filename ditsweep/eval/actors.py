@@ -261,17 +261,22 @@ def evaluate_saved(pool, cfg: TrialConfig, run_id: str, state_dict: dict, step: 
     return pool.evaluate.remote(job)
 
 
-def start_pool(sweep: Sweep, local: bool | None = None):
+def start_pool(sweep: Sweep, local: bool | None = None, trials: int | None = None):
     """Create the sweep's evaluation pool and wait until its workers hold their resources.
-    Returns the coordinator handle, or None when the sweep evaluates nothing."""
+    `trials`: how many trials it will evaluate; the pool never has more workers than that (an
+    idle worker only costs a process start and memory). Returns the coordinator handle, or None
+    when the sweep evaluates nothing."""
     settings = sweep.eval
     if not any(getattr(settings, m).enabled for m in METRICS):
         return None
+    actors = settings.actors
+    if trials:
+        actors = actors.model_copy(update={"count": min(actors.count, trials)})
     local = (not os.environ.get("RAY_ADDRESS")) if local is None else local
-    check_fits(settings.actors, sweep.resources.cpus_per_trial, sweep.resources.gpus_per_trial,
+    check_fits(actors, sweep.resources.cpus_per_trial, sweep.resources.gpus_per_trial,
                ray.cluster_resources(), strict=local)
     coordinator = EvalCoordinator.options(name=pool_name(sweep.name), namespace=NAMESPACE,
-                                          max_concurrency=10_000).remote(settings.actors.model_dump())
+                                          max_concurrency=10_000).remote(actors.model_dump())
     workers = ray.get(coordinator.ready.remote(), timeout=READY_TIMEOUT_S)
     log.info("evaluation pool %s: %d workers %s", pool_name(sweep.name), len(workers), workers)
     return coordinator
