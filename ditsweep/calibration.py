@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditsweep.models.presets import has_local_blocks
+
 FORMAT = 1
 PACKAGE_DIR = Path(__file__).with_name("calibration")
 DIR_ENV = "DITSWEEP_CALIBRATION_DIR"  # searched before the files shipped with ditsweep
@@ -50,7 +52,7 @@ def layout_family(layout: str) -> str:
     """'global' (every block global), 'local' (any local window), or 'unet' ('-')."""
     if layout in ("-", "unet"):
         return "unet"
-    return "local" if any(part.strip().isdigit() for part in layout.split(",")) else "global"
+    return "local" if has_local_blocks(layout) else "global"
 
 
 class Calibration:

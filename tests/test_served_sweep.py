@@ -10,13 +10,9 @@ parallel workers (pytest-xdist, one file per worker) run the sweep once.
 import html
 import json
 import math
-import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlencode
@@ -28,6 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import browser
+import procs
 from conftest import PYTHON, tiny_sweep, write_sweep
 from ditsweep.report import write_report
 
@@ -41,60 +38,13 @@ WINDOW = (1600, 1000)
 # ---------------------------------------------------------------------------------------------
 # The server and the sweep
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` as a child process on a free loopback port, SQLite backend."""
-
-    def __init__(self, root: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        mlflow_cli = Path(PYTHON).parent / "mlflow"
-        # Own process group: stop() ends the server and the workers it spawned, nothing else.
-        self.process = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=root, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            # MLflow's GenAI background jobs (scorers, trace archival) only cost CPU here.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        self._wait_healthy(timeout=120)
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=5)  # a test server need not shut down gracefully
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    yield server
-    server.stop()
+    """`mlflow server` on a free loopback port, SQLite backend (tests/procs.py)."""
+    root, port = tmp_path_factory.mktemp("mlflow-server"), procs.free_port()
+    process = procs.mlflow_server(root / "mlflow.db", root / "artifacts", port)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}")
+    procs.stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,11 @@ def layout_to_str(layout: list[int | None]) -> str:
     return _show(layout)
 
 
+def has_local_blocks(layout: str) -> bool:
+    """Whether a layout string ("3,5,G"; "-" for a UNet) has a neighborhood-attention block."""
+    return any(part.strip().isdigit() for part in layout.split(","))
+
+
 def build_model(preset: str, image_size: int, in_channels: int = 3, layout: str | list | None = None,
                 weight_sharing: bool = False, attention_backend: str = "auto",
                 pca_attention: tuple[int, int] | None = None) -> nn.Module:

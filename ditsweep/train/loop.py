@@ -19,6 +19,7 @@ import torch
 
 from ditsweep.diffusion import create_diffusion
 from ditsweep.models import build_model, set_pca_components
+from ditsweep.models.presets import has_local_blocks
 from ditsweep.models.attention import choose_local_kernel, has_libnatten, prepare_flex
 from ditsweep.spec import TrialConfig
 from ditsweep.train.gpu import compile_model, precision_scope
@@ -46,7 +47,7 @@ class Trainer:
         self.tags: dict[str, str] = {}  # for the trial's MLflow run; see pop_tags
         kernel, note = choose_local_kernel(cfg.train.attention_backend, self.device.type, self.precision,
                                            self.device.type == "cuda" and has_libnatten())
-        if cfg.arch == "dit" and any(w != "G" for w in cfg.layout.split(",")):  # has local blocks
+        if has_local_blocks(cfg.layout):
             if note:  # once per trial: the trial's log and an MLflow tag
                 log.warning("trial %s: %s", cfg.trial, note)
                 self.tags["ditsweep.attention_fallback"] = note
