@@ -7,7 +7,7 @@
 # Run (device tool, carry [".gpu"], timeout_s 600):   BUDGET=540 bash scripts/gpu_measure.sh
 #
 # Writes to $OUT (at most 8 files come back): bench_gpu.jsonl (every measurement, one JSON line),
-# <gpu-slug>.json (the calibration file; copy it to ditsweep/calibration/), gpu_measure.log,
+# <gpu-slug>.json (the calibration file; copy it to ditsweep/bench/calibration/), gpu_measure.log,
 # natten_build.log. Items are run in priority order and skipped when the budget runs out; the
 # calibration file is always written from what was measured.
 #
@@ -101,7 +101,7 @@ bench "$NATTEN_PY" --phases flex --precisions bf16,tf32
 
 step "calibration file"
 cp "$WORK/bench/bench_gpu.jsonl" "$OUT/" 2>/dev/null
-PYTHONPATH="$ROOT:$WORK/site" "$PY" -m ditsweep.bench_gpu write "$WORK/bench" && cp "$WORK"/bench/*.json "$OUT/"
+PYTHONPATH="$ROOT:$WORK/site" "$PY" -m ditsweep.bench.gpu write "$WORK/bench" && cp "$WORK"/bench/*.json "$OUT/"
 PYTHONPATH="$ROOT:$WORK/site" "$PY" - "$OUT/bench_gpu.jsonl" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):

@@ -49,7 +49,7 @@ def sweep_file(tmp_path):
 
 def trial(**overrides):
     """The first trial of a tiny sweep (see tiny_sweep), fully resolved."""
-    from ditsweep.spec import Sweep, expand
+    from ditsweep.config import Sweep, expand
     return expand(Sweep.model_validate(tiny_sweep(**overrides)))[0]
 
 

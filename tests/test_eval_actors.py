@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import PYTHON, tiny_sweep, write_sweep
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, tiny_sweep, write_sweep
 from ditsweep.eval.fid import write_random_inception_weights
 
 pytestmark = pytest.mark.slow
@@ -71,10 +71,10 @@ def test_sweep_trials_are_evaluated_by_actors_in_other_processes(tmp_path):
 def test_a_killed_worker_is_replaced_and_its_job_retried_and_logged_once(tmp_path):
     import ray
 
+    from ditsweep.config import Sweep, expand
     from ditsweep.eval.actors import start_pool, stop_pool
     from ditsweep.eval.jobs import EvalJob
     from ditsweep.models import build_model
-    from ditsweep.spec import Sweep, expand
     from ditsweep.tracking import TrialRun
 
     # A Jacobian at 16x16 (768 backward passes of a DiT) takes tens of seconds: a job that is

@@ -7,12 +7,12 @@ import subprocess
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import PYTHON, tiny_sweep, write_sweep
-from ditsweep.eval.deadline import job_deadline
-from ditsweep.spec import EvalActorSettings, Sweep, expand
+from mlflow.tracking import MlflowClient
 from procs import descendants, stop
+
+from ditsweep.config import EvalActorSettings, Sweep, expand
+from ditsweep.eval.deadline import job_deadline
 
 
 def test_deadline_scales_with_images_steps_and_metric():

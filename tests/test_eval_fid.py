@@ -3,12 +3,12 @@ weights file stands in for the real one (the numbers are meaningless, the behavi
 
 import pytest
 import torch
-
 from conftest import tiny_sweep, write_sweep
+
+from ditsweep.config import SpecError, load_sweep
+from ditsweep.config.weights import INCEPTION_ENV, weights_file
 from ditsweep.data import load_split
 from ditsweep.eval.fid import fid, to_uint8_rgb, write_random_inception_weights
-from ditsweep.weights import INCEPTION_ENV, weights_file
-from ditsweep.spec import SpecError, load_sweep
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,15 @@ import pytest
 import torch
 
 from ditsweep.diffusion import create_diffusion
-from ditsweep.eval.jacobian import (asymmetry, chunk_for_memory, denoiser_jacobian, eigendecomposition,
-                                    jacobian, plot_eigenvectors)
+from ditsweep.eval.jacobian import (
+    asymmetry,
+    chunk_for_memory,
+    denoiser_jacobian,
+    eigendecomposition,
+    jacobian,
+    plot_eigenvectors,
+)
 from ditsweep.models import build_model
-
 
 
 def random_dit() -> torch.nn.Module:
@@ -140,7 +145,8 @@ def test_larger_images_are_refused_with_the_limit():
 
 def test_sweep_refuses_a_cpu_jacobian_above_16x16_naming_the_field(tmp_path):
     from conftest import tiny_sweep, write_sweep
-    from ditsweep.spec import SpecError, load_sweep
+
+    from ditsweep.config import SpecError, load_sweep
 
     sweep = tiny_sweep(data={"resolution": 32}, eval={"jacobian": {"enabled": True}})
     with pytest.raises(SpecError, match=r"eval\.jacobian\.enabled: Jacobians of 32x32 images need GPU "

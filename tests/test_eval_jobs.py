@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_sweep
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_sweep
+from ditsweep.config import EvalActorSettings, EvalSettings, Sweep, expand
 from ditsweep.eval.actors import check_fits, record_result
 from ditsweep.eval.jobs import METRICS, EvalJob, EvalResult, metrics_due, run_job
 from ditsweep.models import build_model
-from ditsweep.spec import EvalActorSettings, EvalSettings, Sweep, expand
 from ditsweep.tracking import TrialRun
 
 

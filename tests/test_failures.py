@@ -1,14 +1,15 @@
-"""Failure classes (ditsweep/failures.py): what is retried, what ends a trial at once, and which
-trials fail the same way. The end-to-end checks live in test_fault_tolerance.py (a diverging
-trial runs once; a killed worker resumes) and test_eval_deadline.py (a hung evaluation)."""
+"""Failure classes (ditsweep/train/failures.py, ditsweep/sweep/failure_summary.py): what is
+retried, what ends a trial at once, and which trials fail the same way. The end-to-end checks
+live in test_fault_tolerance.py (a diverging trial runs once; a killed worker resumes) and
+test_eval_deadline.py (a hung evaluation)."""
 
 import pytest
 import torch
 
+from ditsweep.config import SpecError
 from ditsweep.data.errors import DataError
-from ditsweep.failures import (DETERMINISTIC, TRANSIENT, classify, same_failures, summary_lines,
-                               trial_status)
-from ditsweep.spec import SpecError
+from ditsweep.sweep.failure_summary import same_failures, summary_lines, trial_status
+from ditsweep.train.failures import DETERMINISTIC, TRANSIENT, classify
 from ditsweep.train.loop import TrainingDiverged
 
 
@@ -73,8 +74,9 @@ def test_trial_status_reads_the_failure_result():
 
 
 def _trial_config(tmp_path, **overrides) -> dict:
-    from ditsweep.spec import Sweep, expand
     from conftest import tiny_sweep
+
+    from ditsweep.config import Sweep, expand
     sweep = tiny_sweep(name="policy", tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                        eval={"psnr_gap": {"enabled": False}, "attention": {"enabled": False},
                              "samples": {"enabled": False}}, **overrides)

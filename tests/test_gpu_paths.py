@@ -3,16 +3,16 @@ without host syncs, device-side RNG in checkpoints, divergence found late but na
 torch.compile with a per-node cache, and calibration files feeding --dry-run."""
 
 import json
+import math
 import subprocess
 import sys
-import math
 
 import pytest
 import torch
+from conftest import images, tiny_sweep, trial
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import images, tiny_sweep, trial
-from ditsweep.spec import Sweep, expand
+from ditsweep.config import Sweep, expand
 from ditsweep.train.gpu import precision_scope, setup_compile_cache, tf32_flags
 from ditsweep.train.loop import Trainer, TrainingDiverged
 
@@ -148,7 +148,7 @@ def test_compiled_trainer_trains_like_the_eager_one(tmp_path, monkeypatch):
 # ---- calibration -> --dry-run ------------------------------------------------------------------
 
 def calibration(tmp_path, gpu="Test GPU 9000"):
-    from ditsweep.calibration import write_calibration
+    from ditsweep.bench.calibration import write_calibration
     row = dict(model="DiT-T/1", layout="G,G,G,G,G,G", resolution=8, batch_size=8, compile=False,
                trials_per_gpu=1)
     return write_calibration(
@@ -174,7 +174,7 @@ def sweep_with(**resources_and_train):
 
 
 def test_calibration_file_feeds_the_dry_run(tmp_path, monkeypatch):
-    from ditsweep.estimate import plan_summary, trial_gpu_hours
+    from ditsweep.sweep.estimate import plan_summary, trial_gpu_hours
     monkeypatch.setenv("DITSWEEP_CALIBRATION_DIR", str(tmp_path))
     calibration(tmp_path)
     # fp32: 3600 steps at 2 steps/s = 0.5 h; one PSNR gap of 36 s (K=8, S=5) = 0.01 h
@@ -206,7 +206,7 @@ def test_calibration_file_feeds_the_dry_run(tmp_path, monkeypatch):
 
 
 def test_unknown_gpu_says_how_to_get_an_estimate(tmp_path, monkeypatch):
-    from ditsweep.estimate import plan_summary
+    from ditsweep.sweep.estimate import plan_summary
     monkeypatch.setenv("DITSWEEP_CALIBRATION_DIR", str(tmp_path))
     sweep, trials = sweep_with(resources__gpu="Nobody's GPU")
     text = plan_summary(sweep, trials)
@@ -214,7 +214,7 @@ def test_unknown_gpu_says_how_to_get_an_estimate(tmp_path, monkeypatch):
 
 
 def test_shipped_h100_calibration_holds_only_measured_figures():
-    from ditsweep.calibration import PACKAGE_DIR, find_calibration
+    from ditsweep.bench.calibration import PACKAGE_DIR, find_calibration
     cal = find_calibration("NVIDIA H100 80GB HBM3")
     assert cal is not None and cal.path.parent == PACKAGE_DIR
     rows = {(r["model"], r["layout"][:1], r["precision"], r["compile"]): r["steps_per_second"]
@@ -229,8 +229,8 @@ def test_shipped_h100_calibration_holds_only_measured_figures():
 
 def test_bench_gpu_harness_writes_a_calibration_file(tmp_path):
     """`bench --gpu --smoke` on CPU: the harness that a GPU session runs, end to end (tiny)."""
-    from ditsweep.bench_gpu import run
-    from ditsweep.calibration import Calibration
+    from ditsweep.bench.calibration import Calibration
+    from ditsweep.bench.gpu import run
     run(["--smoke", "--out", str(tmp_path), "--phases", "global,write", "--precisions", "fp32",
          "--compile", "off", "--iters", "1", "--warmup", "0"])
     rows = [json.loads(line) for line in (tmp_path / "bench_gpu.jsonl").read_text().splitlines()]
@@ -243,7 +243,7 @@ def test_bench_gpu_harness_writes_a_calibration_file(tmp_path):
 def test_flops_counted_on_meta_leave_real_models_working():
     """--dry-run counts FLOPs on the meta device (DiT-S/1 is priced from DiT-XS/1 by this ratio);
     the attention's cached index tables must stay real tensors for the trainings that follow."""
-    from ditsweep.calibration import step_flops
+    from ditsweep.bench.calibration import step_flops
     from ditsweep.models import build_model
     flops = step_flops("DiT-T/1", "3,5,7,G,G,G", 8, 4)
     assert flops > step_flops("DiT-T/1", "3,5,7,G,G,G", 8, 2) > 0
@@ -260,7 +260,7 @@ def test_only_trials_with_local_blocks_name_a_local_kernel():
 
 def test_calibration_file_gets_fraction_of_peak_from_the_runs_peak(tmp_path):
     """Rows measured in another process than the bf16 peak still get their fraction of it."""
-    from ditsweep.bench_gpu import write
+    from ditsweep.bench.gpu import write
     rows = [{"kind": "env", "gpu": "Test GPU"}, {"kind": "peak", "bf16_matmul_tflops": 500.0},
             {"kind": "train", "model": "DiT-XS/1", "layout": "G", "precision": "bf16", "compile": True,
              "trials_per_gpu": 1, "steps_per_second": 20.0, "tflop_per_step": 5.0,
@@ -271,7 +271,7 @@ def test_calibration_file_gets_fraction_of_peak_from_the_runs_peak(tmp_path):
 
 
 def test_shipped_h200_calibration_holds_the_measured_figures():
-    from ditsweep.calibration import find_calibration
+    from ditsweep.bench.calibration import find_calibration
     cal = find_calibration("NVIDIA H200")
     rows = {(r["model"], r["layout"][:1], r["precision"], r["compile"], r["trials_per_gpu"]):
             round(r["steps_per_second"], 2) for r in cal.data["train"]}
@@ -288,5 +288,5 @@ def test_shipped_h200_calibration_holds_the_measured_figures():
 def test_gpu_bench_needs_neither_mlflow_nor_ray():
     """The device machine has torch but no MLflow or Ray: the bench and the Trainer import without."""
     code = ("import sys; sys.modules.update(mlflow=None, ray=None); "
-            "import ditsweep.bench_gpu; from ditsweep.train.loop import Trainer")
+            "import ditsweep.bench.gpu; from ditsweep.train.loop import Trainer")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

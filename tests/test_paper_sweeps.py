@@ -4,9 +4,9 @@ prints the plan without opening any dataset (no S3 credentials needed)."""
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, REPO
-from ditsweep.spec import expand, load_sweep
+
+from ditsweep.config import expand, load_sweep
 
 PAPER = {"local_vs_global": 72, "placement": 42, "window_size": 42, "dit_vs_unet": 24,
          "param_reduction": 12, "local_vs_global_dagger": 48, "pca_components": 1}
@@ -79,7 +79,7 @@ def test_dry_run_shows_fid_at_exactly_the_papers_n(name, tmp_path, monkeypatch, 
     """No weights file is needed for a dry run; FID is planned for N = 10^4 and 10^5 only (the
     evaluators follow the same rule: metrics_due with the trial's N)."""
     from ditsweep.eval.jobs import metrics_due
-    from ditsweep.run import main
+    from ditsweep.sweep.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DITSWEEP_INCEPTION_WEIGHTS", raising=False)
@@ -100,7 +100,7 @@ def test_dry_run_shows_fid_at_exactly_the_papers_n(name, tmp_path, monkeypatch, 
 
 
 def test_fid_sweep_needs_the_weights_file_when_it_runs(tmp_path, monkeypatch):
-    from ditsweep.spec import SpecError
+    from ditsweep.config import SpecError
 
     monkeypatch.delenv("DITSWEEP_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(SpecError, match="feature_extractor_weights_path"):

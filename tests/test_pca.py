@@ -8,9 +8,9 @@ import subprocess
 import pandas as pd
 import pytest
 import torch
+from conftest import PYTHON, tiny_sweep, write_sweep
 from mlflow.tracking import MlflowClient
 
-from conftest import PYTHON, tiny_sweep, write_sweep
 from ditsweep.eval import pca
 from ditsweep.models import build_model, set_pca_components
 
@@ -64,7 +64,7 @@ def test_pca_attention_maps_sum_to_one_and_save_the_documented_parameters():
 
 
 def test_a_pca_attention_sweep_needs_its_input_and_global_first_blocks(tmp_path):
-    from ditsweep.spec import SpecError, expand, load_sweep
+    from ditsweep.config import SpecError, expand, load_sweep
 
     sweep = tiny_sweep()
     sweep["grid"]["variant"] = ["pca-attention"]

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_sweep, write_sweep
-from ditsweep.preflight import working_dir_checks
 from procs import free_port
 
+from ditsweep.sweep.preflight import working_dir_checks
 
 
 def sparse_file(path: Path, size: int) -> Path:
@@ -40,7 +39,7 @@ def test_working_dir_check_names_the_offenders_and_honours_ignore_files(tmp_path
 def test_check_passes_locally_and_fails_with_exit_2_naming_each_problem(tmp_path, monkeypatch, capsys):
     import ray
 
-    from ditsweep.run import main
+    from ditsweep.sweep.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import PYTHON, tiny_sweep, write_sweep
+from mlflow.tracking import MlflowClient
 from procs import free_port, mlflow_server, stop, wait_for
 from s3server import s3_server  # noqa: F401 - a fixture
-from ditsweep.checkpoints import TrialCheckpoints
-from ditsweep.identity import trial_identity
-from ditsweep.spec import expand, load_sweep
+
+from ditsweep.config import expand, load_sweep
+from ditsweep.config.identity import trial_identity
+from ditsweep.train.checkpoints import TrialCheckpoints
 
 ENV = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 NO_EVAL = {"psnr_gap": {"enabled": False}, "attention": {"enabled": False},
@@ -59,7 +59,7 @@ def test_identity_covers_what_changes_the_weights_and_nothing_else(tmp_path):
     ]
     idents = {trial_identity(trials[0]) for trials in different}
     assert len(idents) == len(different) and ident not in idents
-    import ditsweep.identity as identity
+    import ditsweep.config.identity as identity
     old = identity.CODE_VERSION
     try:
         identity.CODE_VERSION = old + 1  # a change to the model/diffusion math
@@ -69,8 +69,8 @@ def test_identity_covers_what_changes_the_weights_and_nothing_else(tmp_path):
 
 
 def test_packed_dataset_identity_follows_its_manifest_checksum(tmp_path, monkeypatch):
+    from ditsweep.config.identity import dataset_fingerprint
     from ditsweep.data.pack import pack
-    from ditsweep.identity import dataset_fingerprint
     data = tmp_path / "photos8"
     pack("builtin:photos", str(data), resolution=8, shard_size=50, limit=120, progress=False)
     grid = {**tiny_sweep()["grid"], "dataset": [str(data)]}

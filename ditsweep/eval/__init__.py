@@ -8,5 +8,5 @@
     jobs.py       an evaluation job: which metrics, computed on which weights, with what result
     actors.py     the actor pool: coordinator, workers, retries, logging to MLflow
 
-Kept free of imports so that `ditsweep.spec` can import `ditsweep.eval.fid` while it loads.
+Kept free of imports: a metric module is imported only where it is used.
 """

@@ -33,9 +33,9 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from ditsweep.config import EvalActorSettings, Sweep, TrialConfig
 from ditsweep.eval.deadline import job_deadline
 from ditsweep.eval.jobs import METRICS, EvalJob, EvalResult, metrics_due, process_info, run_job
-from ditsweep.spec import EvalActorSettings, Sweep, TrialConfig
 
 log = logging.getLogger(__name__)
 

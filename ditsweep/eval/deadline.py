@@ -14,7 +14,7 @@ fp32 ran 1.3 ms per image-pass against the 2.1 ms assumed here).
 import functools
 import logging
 
-from ditsweep.spec import EvalActorSettings, TrialConfig
+from ditsweep.config import EvalActorSettings, TrialConfig
 
 log = logging.getLogger(__name__)
 CPU_FLOPS_PER_THREAD = 5e9   # FLOP/s one CPU thread sustains for the denoiser, pessimistic

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ditsweep.weights import weights_file
+from ditsweep.config.weights import weights_file
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYER = "2048"

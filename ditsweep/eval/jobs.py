@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ditsweep.config import EvalSettings, TrialConfig
 from ditsweep.data import load_split, to_model_range
 from ditsweep.eval import attention, fid, jacobian, samples
 from ditsweep.eval.psnr_gap import plot_psnr_gap, psnr_gap
 from ditsweep.models import build_model
 from ditsweep.models.pca_attention import pca_shape
-from ditsweep.spec import EvalSettings, TrialConfig
 
 log = logging.getLogger(__name__)
 

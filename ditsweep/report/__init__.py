@@ -34,8 +34,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ditsweep.report.claims import claim_table
-from ditsweep.report.figures import (curve_table, plot_curves, plot_eigenvectors_side_by_side,
-                                     plot_gap_bars)
+from ditsweep.report.figures import curve_table, plot_curves, plot_eigenvectors_side_by_side, plot_gap_bars
 from ditsweep.report.paper import compare_with_paper, no_reference_match
 from ditsweep.report.runs import METRICS, SweepData, load_sweep
 from ditsweep.report.tables import TABLES, TableSpec, build_table, markdown, table_markdown
@@ -195,7 +194,7 @@ def _unfinished_section(trials: pd.DataFrame) -> str:
 
 
 def default_tracking_uri() -> str:
-    # Same default as ditsweep.spec.resolve_tracking_uri, without importing torch for a report.
+    # Same default as ditsweep.config.resolve_tracking_uri, without importing torch for a report.
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 

@@ -14,12 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from ditsweep.checkpoints import TrialCheckpoints
-from ditsweep.identity import CODE_VERSION
-from ditsweep.spec import TrialConfig
+from ditsweep.config import TrialConfig
+from ditsweep.config.identity import CODE_VERSION
 from ditsweep.tracking.mlflow_runs import IDENTITY_TAG
-from ditsweep.tracking.reuse import (CHECKPOINT_TAG, CODE_VERSION_TAG, RECIPE_TAG, become_link,
-                                     heartbeat, wait_for_twin)
+from ditsweep.tracking.reuse import (
+    CHECKPOINT_TAG,
+    CODE_VERSION_TAG,
+    RECIPE_TAG,
+    become_link,
+    heartbeat,
+    wait_for_twin,
+)
+from ditsweep.train.checkpoints import TrialCheckpoints
 
 log = logging.getLogger(__name__)
 BEAT_SECONDS = 60.0
@@ -29,7 +35,7 @@ _last_beat: dict[str, float] = {}
 def identity_tags(cfg: TrialConfig) -> dict[str, str]:
     if not cfg.identity:
         return {}
-    from ditsweep.identity import recipe_key
+    from ditsweep.config.identity import recipe_key
     return {IDENTITY_TAG: cfg.identity, RECIPE_TAG: recipe_key(cfg), CODE_VERSION_TAG: str(CODE_VERSION)}
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ditsweep.config import TrialConfig
 from ditsweep.diffusion import create_diffusion
 from ditsweep.models import build_model, set_pca_components
-from ditsweep.models.presets import has_local_blocks
 from ditsweep.models.attention import choose_local_kernel, has_libnatten, prepare_flex
-from ditsweep.spec import TrialConfig
+from ditsweep.models.presets import has_local_blocks
 from ditsweep.train.gpu import compile_model, precision_scope
 
 log = logging.getLogger(__name__)

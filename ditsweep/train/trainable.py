@@ -15,16 +15,22 @@ from pathlib import Path
 import torch
 from ray import tune
 
+from ditsweep.config import TrialConfig
 from ditsweep.data import load_split, to_model_range
 from ditsweep.data.stream import stream_train_batches
 from ditsweep.eval.actors import Evaluator
 from ditsweep.eval.jobs import METRICS
-from ditsweep.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
-from ditsweep.spec import TrialConfig
 from ditsweep.tracking import TrialRun
 from ditsweep.tracking.inputs import pca_components_for
 from ditsweep.tracking.tags import trial_tags
-from ditsweep.train.continuity import beat, identity_tags, restore_from_storage, store_checkpoint, twin_to_link
+from ditsweep.train.continuity import (
+    beat,
+    identity_tags,
+    restore_from_storage,
+    store_checkpoint,
+    twin_to_link,
+)
+from ditsweep.train.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
 from ditsweep.train.loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 def train_trial(config: dict) -> None:
     """Tune function trainable: config = {TRIAL_KEY: TrialConfig as a dict}.
 
-    Failure policy (ditsweep/failures.py). Tune has no per-exception retry policy: any exception
+    Failure policy (ditsweep/train/failures.py). Tune has no per-exception retry policy: any exception
     that leaves this function counts against FailureConfig.max_failures and restarts the trial
     from its last checkpoint. So the trial judges its own exceptions. A transient one (lost
     connection, CUDA OOM, ...) is re-raised and Tune retries it as before. A deterministic one
@@ -165,7 +171,7 @@ def _train_trial(config: dict, attempt: dict) -> None:
                 run.flush()
                 last_flush = time.monotonic()
                 beat(cfg, run)
-    except Exception:  # judged by train_trial (ditsweep/failures.py); keep the losses before it
+    except Exception:  # judged by train_trial (ditsweep/train/failures.py); keep the losses before it
         run.flush()
         raise
 

@@ -4,9 +4,9 @@ and `python -m ditsweep.run` exits with code 2 before any trial starts."""
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, REPO, tiny_sweep, write_sweep
-from ditsweep.spec import SpecError, expand, load_sweep
+
+from ditsweep.config import SpecError, expand, load_sweep
 
 
 def error_for(tmp_path, sweep: dict) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ditsweep.calibration import step_flops
+from ditsweep.bench.calibration import step_flops
 
 T0 = time.time()
 MODELS = {"global": ("DiT-XS/1", "global"), "local": ("DiT-XS/1", "local"), "unet": ("UNet-XS", "global")}
@@ -63,7 +63,7 @@ def env_info() -> dict:
 
 
 def trial_config(model: str, layout: str, precision: str, compile_: bool, smoke: bool, backend="auto"):
-    from ditsweep.spec import Sweep, expand
+    from ditsweep.config import Sweep, expand
     resolution, batch = (8, 4) if smoke else (32, 64)
     if smoke:
         model = "DiT-T/1" if model.startswith("DiT") else "UNet-T"
@@ -168,7 +168,7 @@ def measure_pack(out: Path, family: str, precision: str, compile_: bool, k: int,
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = json.dumps(dict(family=family, precision=precision, compile=compile_, smoke=args.smoke,
                            warmup=args.warmup, seconds=args.pack_seconds, k=k, dir=str(run_dir)))
-    procs = [subprocess.Popen([sys.executable, "-m", "ditsweep.bench_gpu", "worker", spec, str(i)])
+    procs = [subprocess.Popen([sys.executable, "-m", "ditsweep.bench.gpu", "worker", spec, str(i)])
              for i in range(k)]
     deadline = time.time() + args.pack_seconds + args.pack_startup
     rates, errors = [], []
@@ -305,7 +305,7 @@ def measure_drift(out: Path, args) -> None:
 
 def write(out: Path, path: Path | None = None) -> Path:
     """The calibration file from the JSON lines of out/ (errors and smoke rows left out)."""
-    from ditsweep.calibration import gpu_slug, write_calibration
+    from ditsweep.bench.calibration import gpu_slug, write_calibration
     rows = [json.loads(line) for line in (out / "bench_gpu.jsonl").read_text().splitlines() if line]
     env = next((r for r in reversed(rows) if r["kind"] == "env"), {})
     gpu = env.get("gpu", "unknown")
@@ -321,7 +321,7 @@ def write(out: Path, path: Path | None = None) -> Path:
             r["fraction_of_bf16_peak"] = r["tflop_per_step"] * r["steps_per_second"] / peak
     path = path or out / f"{gpu_slug(gpu)}.json"
     return write_calibration(path, gpu, datetime.date.today().isoformat(),
-                             "python -m ditsweep.bench --gpu (ditsweep/bench_gpu.py)",
+                             "python -m ditsweep.bench --gpu (ditsweep/bench/gpu.py)",
                              {k: v for k, v in env.items() if k not in ("kind", "gpu")}, train, evals)
 
 

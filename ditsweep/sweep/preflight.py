@@ -27,7 +27,7 @@ from pathlib import Path
 
 import ray
 
-from ditsweep.spec import Sweep, TrialConfig
+from ditsweep.config import Sweep, TrialConfig
 
 WORKING_DIR_LIMIT = 100 * 1024 * 1024  # bytes; `ray job submit` refuses larger uploads
 PROBE_TIMEOUT_S = 180.0                # a node whose probe cannot start by then fails the check
@@ -154,7 +154,7 @@ def _check_storage(path: str) -> tuple[bool, str]:
 
 def _check_fid(weights: str | None) -> tuple[bool, str]:
     try:
-        from ditsweep.weights import check_weights_path
+        from ditsweep.config.weights import check_weights_path
     except ImportError:
         from ditsweep.eval.fid import check_weights_path
     check_weights_path(weights)  # ValueError with the reason

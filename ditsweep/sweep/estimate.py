@@ -3,15 +3,15 @@
 `trial_cost` is the one place that turns a trial into compute time (training plus evaluation);
 `trial_gpu_hours` is its total, `plan_summary` prints the sweep's. Speeds come from the sweep's
 `resources.steps_per_second` when the YAML gives one, else from the calibration file of
-`resources.gpu` (ditsweep/calibration.py). Every figure says whether it was measured (on which
+`resources.gpu` (ditsweep/bench/calibration.py). Every figure says whether it was measured (on which
 GPU, when) or assumed.
 """
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ditsweep.calibration import Calibration, Figure, find_calibration
-from ditsweep.spec import Sweep, TrialConfig
+from ditsweep.bench.calibration import Calibration, Figure, find_calibration
+from ditsweep.config import Sweep, TrialConfig
 
 # A sampling step is one forward pass: about a third of a training step's forward + backward
 # (the usual 1:2 forward:backward FLOP ratio). Used only when sampling was not measured.

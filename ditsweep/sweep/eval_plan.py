@@ -2,7 +2,7 @@
 and how many trials, so that e.g. FID at the paper's N = 10^4 and 10^5 only can be seen (and
 tested) before anything starts. The rule is the one the evaluators follow (FidSettings.due_for)."""
 
-from ditsweep.spec import Sweep, TrialConfig
+from ditsweep.config import Sweep, TrialConfig
 
 
 def evaluation_plan(sweep: Sweep, trials: list[TrialConfig]) -> str:

@@ -1,18 +1,16 @@
-"""Benchmarks: `python -m ditsweep.bench` prints figures measured side by side in one run.
+"""CPU benchmarks of `python -m ditsweep.bench`: figures measured side by side in one run.
 
 - forward+backward time of one attention layer on a 32x32 token grid, neighborhood windows
   k = 3..13 against global attention (CPU, the torch neighborhood path);
 - training steps/s and images/s of the smoke sweep's models.
 Ratios are only meaningful within one run on one machine.
-`--gpu` measures a GPU instead and writes its calibration file (see ditsweep/bench_gpu.py).
 """
 
-import argparse
 import time
 
 import torch
 
-from ditsweep.models.bench_attention import time_attention_layer
+from ditsweep.bench.attention import time_attention_layer
 
 
 def bench_attention(grid: int = 32) -> None:
@@ -26,9 +24,8 @@ def bench_attention(grid: int = 32) -> None:
 
 def bench_training(sweep_path: str = "sweeps/smoke.yaml", steps: int = 30) -> float:
     """Steps/s of each distinct model of a sweep; returns the slowest images/s (for data benches)."""
-    from ditsweep.data import load_split
-    from ditsweep.spec import expand, load_sweep
-    from ditsweep.data import to_model_range
+    from ditsweep.config import expand, load_sweep
+    from ditsweep.data import load_split, to_model_range
     from ditsweep.train.loop import Trainer
 
     trials = expand(load_sweep(sweep_path))
@@ -84,7 +81,7 @@ def bench_loader(training_images_per_s: float | None = None, resolutions: tuple[
         import importlib.util
         from pathlib import Path
         spec = importlib.util.spec_from_file_location(
-            "ditsweep_s3server", Path(__file__).resolve().parents[1] / "tests" / "s3server.py")
+            "ditsweep_s3server", Path(__file__).resolve().parents[2] / "tests" / "s3server.py")
         helper = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(helper)
         server = helper.S3Server().start()
@@ -114,25 +111,3 @@ def bench_loader(training_images_per_s: float | None = None, resolutions: tuple[
         os.environ.update(saved)
         if server is not None:
             server.close()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m ditsweep.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--sweep", default="sweeps/smoke.yaml")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--gpu", action="store_true",
-                        help="measure this GPU and write its calibration file (ditsweep/bench_gpu.py; "
-                             "`--gpu --help` lists its options)")
-    args, rest = parser.parse_known_args()
-    if args.gpu:
-        from ditsweep.bench_gpu import run
-        return run(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    bench_attention()
-    slowest = bench_training(args.sweep, args.steps)
-    bench_loader(slowest)
-
-
-if __name__ == "__main__":
-    main()

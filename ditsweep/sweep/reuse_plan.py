@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditsweep.estimate import trial_gpu_hours
-from ditsweep.identity import CODE_VERSION, recipe_key, trial_identity
-from ditsweep.spec import Sweep, TrialConfig
+from ditsweep.config import Sweep, TrialConfig
+from ditsweep.config.identity import CODE_VERSION, recipe_key, trial_identity
+from ditsweep.sweep.estimate import trial_gpu_hours
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,9 @@ def _evaluate_saved(client, cfg: TrialConfig, run_id: str, p: Planned, pool):
     and lacks the new ones, and `--no-reuse` trains the trial again."""
     import torch
 
-    from ditsweep.checkpoints import TrialCheckpoints
     from ditsweep.eval.actors import FAILURE_TAG, evaluate_saved
     from ditsweep.tracking.reuse import CHECKPOINT_TAG
+    from ditsweep.train.checkpoints import TrialCheckpoints
     location = p.original.data.tags.get(CHECKPOINT_TAG)
     try:
         if not location:

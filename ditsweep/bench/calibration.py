@@ -1,6 +1,6 @@
 """Measured speeds of one GPU model, for `--dry-run`'s cost estimate.
 
-A calibration file (JSON, one per GPU model, `ditsweep/calibration/<gpu-slug>.json`) holds what
+A calibration file (JSON, one per GPU model, `ditsweep/bench/calibration/<gpu-slug>.json`) holds what
 `python -m ditsweep.bench --gpu` measured on that GPU: training steps/s per (model, layout,
 precision, compile, trials sharing the GPU), and the seconds of each evaluation. Every figure an
 estimate uses comes back with its provenance: measured (which GPU, when), or the assumption that
@@ -48,8 +48,10 @@ def gpu_slug(gpu: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
-def layout_family(layout: str) -> str:
-    """'global' (every block global), 'local' (any local window), or 'unet' ('-')."""
+def kernel_family(layout: str) -> str:
+    """The attention kernels a training step runs, which decide its speed: 'global' (every
+    block global), 'local' (any neighborhood window), or 'unet' ('-'). (Not the MLflow tag
+    ditsweep.layout_family, which says where the windows sit: tracking/tags.py.)"""
     if layout in ("-", "unet"):
         return "unet"
     return "local" if has_local_blocks(layout) else "global"
@@ -75,9 +77,9 @@ class Calibration:
         comparable was measured. Missing figures are replaced by conservative stand-ins, each
         named in the source: the same layout family, tf32 by fp32 (TF32 is never slower),
         compiled by uncompiled, k trials per GPU by the single trial's speed / k (no gain)."""
-        family = layout_family(layout)
+        family = kernel_family(layout)
         comparable = [r for r in self.data.get("train", []) if r["resolution"] == resolution
-                      and r["batch_size"] == batch_size and layout_family(r["layout"]) == family]
+                      and r["batch_size"] == batch_size and kernel_family(r["layout"]) == family]
         rows = [r for r in comparable if r["model"] == model]
         if not rows:  # another preset of the family was measured: scale its speed by FLOPs
             for other in dict.fromkeys(r["model"] for r in comparable):
@@ -170,7 +172,7 @@ def step_flops(model: str, layout: str, resolution: int, batch_size: int) -> flo
 
 def find_calibration(gpu: str | None) -> Calibration | None:
     """The calibration file of a GPU model: $DITSWEEP_CALIBRATION_DIR first, then the files
-    shipped in ditsweep/calibration/. None when there is none."""
+    shipped in ditsweep/bench/calibration/. None when there is none."""
     if not gpu:
         return None
     dirs = [Path(d) for d in os.environ.get(DIR_ENV, "").split(os.pathsep) if d] + [PACKAGE_DIR]
