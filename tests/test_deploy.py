@@ -333,7 +333,10 @@ def test_rayjob_runs_the_readme_entry_point_and_cleans_up():
     assert spec["shutdownAfterJobFinishes"] is True
     assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
     assert spec["submissionMode"] == "K8sJobMode"
-    assert spec.get("backoffLimit", 0) == 0, "a retry would restart the sweep; resume instead"
+    # A retry runs in a new Ray cluster and continues the sweep from MLflow and S3 (finished
+    # trials kept, interrupted ones from their checkpoints: tests/test_cluster.py), so a lost
+    # cluster is retried; a few times only, since a deterministic failure fails again.
+    assert 1 <= spec.get("backoffLimit", 0) <= 3, spec.get("backoffLimit")
 
 
 def test_rayjob_sweep_file_exists_and_passes_dry_run():

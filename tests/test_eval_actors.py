@@ -119,3 +119,58 @@ def test_a_killed_worker_is_replaced_and_its_job_retried_and_logged_once(tmp_pat
     assert len(client.get_metric_history(run.run_id, "jacobian_eigenvalue_t100")) == 4
     assert [m.value for m in client.get_metric_history(run.run_id, "eval_attempts")] == [2]
     assert "ditsweep.eval_failure" not in client.get_run(run.run_id).data.tags
+
+
+def test_the_progress_view_shows_a_final_evaluation_as_soon_as_it_is_queued(tmp_path, monkeypatch):
+    """A trial at its last step is `evaluating` before its final job reaches the pool (the
+    trainable reports the step, then submits); the view asks the pool again at once and keeps
+    asking every FAST_POLL_SECONDS until the job shows, not at the next POLL_SECONDS."""
+    import io
+
+    import ray
+    from ray.tune.experiment import Trial
+    from rich.console import Console
+
+    from ditsweep.config import Sweep, expand
+    from ditsweep.eval.actors import start_pool, stop_pool
+    from ditsweep.eval.jobs import EvalJob
+    from ditsweep.models import build_model
+    from ditsweep.sweep import progress as progress_module
+    from ditsweep.tracking import TrialRun
+
+    monkeypatch.setattr(progress_module, "POLL_SECONDS", 3600.0)  # no routine poll in this test
+    sweep = Sweep.model_validate(tiny_sweep(
+        name="view", tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        eval={"psnr_gap": {"num_images": 8, "steps": 5}, "attention": {"enabled": False},
+              "samples": {"enabled": False}, "actors": {"count": 1}}))
+    cfg = expand(sweep)[0]
+    run = TrialRun(cfg.tracking_uri, cfg.experiment, None, cfg.trial, {})
+    model = build_model(cfg.model, image_size=8, layout=cfg.layout)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = start_pool(sweep, local=True)
+        view = progress_module.SweepProgress({cfg.trial: cfg.train.steps}, pool=pool,
+                                             console=Console(file=io.StringIO(), force_terminal=False))
+        view.setup()
+        trial = Trial("ditsweep", stub=True, config={"trial_config": {"trial": cfg.trial}})
+        view.on_trial_start(0, [trial], trial)
+        view._poll_pool(wait=10)  # the start's poll answered: the pool has no job of this trial
+        assert view.views[cfg.trial].evals() == "-"
+
+        view.on_trial_result(0, [trial], trial, {"step": cfg.train.steps, "loss": 0.1})
+        assert view.views[cfg.trial].status == "evaluating"
+        ref = pool.evaluate.remote(EvalJob(cfg.model_dump(), run.run_id, cfg.train.steps, True,
+                                           ["psnr_gap"], ray.put(model.state_dict())))
+        submitted = time.monotonic()
+        while view.views[cfg.trial].evals() == "-" and time.monotonic() - submitted < 30:
+            view.on_step_end(0, [trial])  # Tune calls it on every turn of its loop
+            time.sleep(0.02)
+        shown = time.monotonic() - submitted
+        jobs = view.views[cfg.trial].jobs
+        assert sum(jobs.get(k, 0) for k in ("queued", "running", "done")) == 1, jobs
+        assert shown < 2.0, f"the final job showed after {shown:.1f} s"
+        assert ray.get(ref, timeout=120).failures == {}
+        stop_pool(pool)
+    finally:
+        ray.shutdown()

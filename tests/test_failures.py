@@ -69,6 +69,10 @@ def test_trial_status_reads_the_failure_result():
                                    "ditsweep_failure_kind": "deterministic"}, None)
     assert status.startswith("FAILED (deterministic, not retried)") and reason == "DataError: bad shard"
     assert trial_status({"loss": 0.1}, None) == ("done", None)
+    assert trial_status({"step": 20, "loss": 0.1}, None, steps=20) == ("done", None)
+    # a trial Tune never started, or stopped with the sweep, is not "done"
+    assert trial_status({}, None, steps=20)[0] == "not run"
+    assert trial_status({"step": 10}, None, steps=20) == ("interrupted at step 10", "stopped at step 10 of 20")
     status, reason = trial_status(None, ConnectionError("refused"))
     assert status.startswith("ERROR (transient, retries used up)") and reason == "ConnectionError: refused"
 

@@ -1,7 +1,7 @@
 """Pre-flight (`python -m ditsweep.run SWEEP.yaml --check`): passes on a local Ray (and on a head
 started with `ray start --head`: tests/test_job_submit.py); exits 2 with one clear line per
-problem when the tracking server is down, a manifest is missing, or the working directory is too
-big to submit."""
+problem when the tracking server is down, a manifest is missing, the working directory is too
+big to submit, or a cluster of several nodes is given local paths."""
 
 import re
 import time
@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_sweep, write_sweep
 from procs import free_port
 
-from ditsweep.sweep.preflight import working_dir_checks
+from ditsweep.sweep.preflight import local_path_checks, table, working_dir_checks
 
 
 def sparse_file(path: Path, size: int) -> Path:
@@ -33,6 +33,52 @@ def test_working_dir_check_names_the_offenders_and_honours_ignore_files(tmp_path
     (tmp_path / ".gitignore").unlink()
     (tmp_path / ".rayignore").write_text("*.ckpt\n")  # ...and .rayignore
     assert working_dir_checks(tmp_path).ok is True
+
+
+def test_local_paths_fail_on_a_cluster_of_several_nodes_naming_each_field():
+    local = dict(storage="/tmp/x", tracking_uri="sqlite:////tmp/mlflow.db",
+                 datasets=["/data/celeba32", "file:///data/imagenet32", "s3://data/photos8"])
+    assert local_path_checks(**local, nodes=1) == []  # one node: its disk is everyone's
+    checks = local_path_checks(**local, nodes=3)
+    assert [c.item for c in checks] == ["storage_path", "tracking.uri", "grid.dataset", "grid.dataset"]
+    assert all(c.ok is False and c.node == "driver" for c in checks)
+    assert checks[0].detail.startswith("/tmp/x is a local path but the cluster has 3 nodes; use s3://")
+    assert "mlflow server" in checks[1].detail and "/data/celeba32" in checks[2].detail
+    assert "file:///data/imagenet32" in checks[3].detail
+    lines = table(checks).splitlines()
+    assert len(lines) == 5 and re.match(r"driver\s+storage_path\s+FAILED\s+/tmp/x is a local", lines[1])
+    shared = dict(storage="s3://runs/ray", tracking_uri="http://mlflow:5000",
+                  datasets=["s3://data/photos8", "builtin:photos"])
+    assert local_path_checks(**shared, nodes=3) == []
+
+
+@pytest.mark.slow
+def test_preflight_counts_the_nodes_of_a_real_cluster(tmp_path, monkeypatch, capsys):
+    """Two raylets on this host (a head without CPUs and a worker, as on KubeRay): a local
+    storage path fails the pre-flight with one line naming the field; an http tracking URI does
+    not."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ditsweep.config import Sweep, expand
+    from ditsweep.sweep.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    sweep = Sweep.model_validate(tiny_sweep(name="nodes", tracking={"uri": "http://127.0.0.1:1"}))
+    trials = expand(sweep)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert preflight(sweep, trials, str(tmp_path / "ray_results")) is False
+        err = capsys.readouterr().err
+        assert (f"preflight FAILED on driver: storage_path: {tmp_path / 'ray_results'} is a local "
+                "path but the cluster has 2 nodes; use s3://") in err, err
+        assert "tracking.uri" not in err  # an http server is shared by every node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.slow

@@ -24,13 +24,21 @@ def same_failures(reasons: dict[str, str]) -> list[tuple[str, list[str]]]:
     return [(sig, trials) for sig, trials in groups.items() if len(trials) > 1]
 
 
-def trial_status(metrics: dict | None, error: BaseException | None) -> tuple[str, str | None]:
-    """(status for the summary table, failure reason or None) of a finished Tune trial."""
+def trial_status(metrics: dict | None, error: BaseException | None,
+                 steps: int | None = None) -> tuple[str, str | None]:
+    """(status for the summary table, failure reason or None) of an ended Tune trial of `steps`
+    training steps (None: not checked). A trial without error that did not reach its last step
+    was never started or was stopped (the sweep interrupted): not "done"."""
     metrics = metrics or {}
     if metrics.get(RESULT_KEY):
         return f"FAILED ({metrics.get('ditsweep_failure_kind', DETERMINISTIC)}, not retried): " \
                f"{metrics[RESULT_KEY]}"[:200], metrics[RESULT_KEY]
     if error is None:
+        step = metrics.get("step")
+        if steps is not None and step is None:
+            return "not run", "never started (the sweep was stopped before it)"
+        if steps is not None and step < steps:
+            return f"interrupted at step {step}", f"stopped at step {step} of {steps}"
         return "done", None
     cause = getattr(error, "cause", None) or error
     failure = classify(cause)

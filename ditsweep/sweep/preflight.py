@@ -14,7 +14,9 @@ type, with or without GPUs) and checks there what a trial will need:
     fid        the InceptionV3 weights file exists, where FID is enabled
 
 and on the driver: the working directory fits `ray job submit`'s upload limit (the files Ray
-would upload, i.e. honouring .gitignore and .rayignore as Ray does), naming the biggest offenders.
+would upload, i.e. honouring .gitignore and .rayignore as Ray does), naming the biggest offenders;
+and, on a cluster of more than one node, that storage_path, tracking.uri and each dataset are not
+local paths (each node would see its own disk), one line per field.
 It prints a table; any failure names the node and the item, and the sweep exits 2.
 """
 
@@ -191,6 +193,33 @@ def working_dir_checks(root: Path, limit: int = WORKING_DIR_LIMIT) -> Check:
                  + "; add them to .rayignore or move them out")
 
 
+# What to use instead of a local path, per field of the sweep file.
+SHARED_INSTEAD = {
+    "storage_path": "use s3://bucket/prefix (or set DITSWEEP_STORAGE)",
+    "tracking.uri": "run an `mlflow server` and use its http:// URI (or set MLFLOW_TRACKING_URI)",
+    "grid.dataset": "pack it to s3://bucket/prefix (python -m ditsweep.data pack)",
+}
+
+
+def is_local(uri: str) -> bool:
+    """A path on one machine's disk: no scheme, file://, or MLflow's sqlite:/file: stores."""
+    return "://" not in uri or uri.startswith(("file:", "sqlite:"))
+
+
+def local_path_checks(storage: str, tracking_uri: str, datasets: list[str], nodes: int) -> list[Check]:
+    """On a cluster of several nodes a local path is a different disk on each node: checkpoints a
+    restarted trial cannot find, one MLflow store per node, data missing on the workers. One
+    failed check per local path, naming its field; none on a single node."""
+    if nodes <= 1:
+        return []
+    local = [("storage_path", storage)] if is_local(storage) else []
+    if is_local(tracking_uri) and not tracking_uri.startswith("databricks"):
+        local.append(("tracking.uri", tracking_uri))
+    local += [("grid.dataset", d) for d in datasets if not d.startswith("builtin:") and is_local(d)]
+    return [Check("driver", field, False, f"{value} is a local path but the cluster has {nodes} "
+                  f"nodes; {SHARED_INSTEAD[field]}") for field, value in local]
+
+
 def node_groups() -> list[tuple[str, dict]]:
     """(label, node) for one alive node of each node type and GPU kind."""
     groups: dict[tuple, tuple[str, dict]] = {}
@@ -228,11 +257,8 @@ def run_checks(sweep: Sweep, trials: list[TrialConfig], storage: str) -> list[Ch
             "fid_weights": [fid.feature_extractor_weights_path] if fid.enabled else None}
     checks = [working_dir_checks(Path.cwd())]
     groups = node_groups()
-    cluster = bool(os.environ.get("RAY_ADDRESS"))
-    if cluster and len(ray.nodes()) > 1 and first.tracking_uri.startswith(("sqlite:", "file:", "/")):
-        checks.append(Check("driver", "mlflow", False, "the tracking URI is a local file, but trials "
-                            "run on several nodes and would each write their own copy: run an "
-                            "`mlflow server` and set tracking.uri or MLFLOW_TRACKING_URI"))
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    checks += local_path_checks(storage, first.tracking_uri, spec["datasets"], nodes)
     remote = ray.remote(probe)
     refs = {}
     for name, node in groups:

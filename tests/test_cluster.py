@@ -1,0 +1,178 @@
+"""A sweep on a multi-node Ray cluster on loopback (tests/cluster.py), submitted as the README
+says (`ray job submit --working-dir .`), with data, Tune storage, identity checkpoints and
+MLflow artifacts in S3, survives a worker node killed mid-trial and a whole lost Ray cluster
+(a RayJob retry: new cluster, same job)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cluster import LoopbackCluster
+from conftest import REPO, tiny_sweep, write_sweep
+from procs import wait_for
+
+pytestmark = pytest.mark.slow
+STEPS, LOG_EVERY, CHECKPOINT_EVERY, EVAL_EVERY = 200, 10, 20, 40
+
+
+def cluster_sweep() -> dict:
+    sweep = tiny_sweep(name="cluster")
+    sweep["grid"].update(seed=[0, 1], dataset=["${DITSWEEP_DATA_ROOT}/photos8"])
+    sweep["train"].update(steps=STEPS, log_every=LOG_EVERY, checkpoint_every=CHECKPOINT_EVERY)
+    sweep["eval"] = {"psnr_gap": {"num_images": 8, "steps": 3, "every": EVAL_EVERY},
+                     "attention": {"enabled": False}, "samples": {"enabled": False},
+                     # real CPUs: the evaluators live on the worker nodes, as on a cluster
+                     "actors": {"count": 2, "cpus": 1, "max_retries": 2}}
+    # One trial at a time: the first is killed and resumed, then finishes; the second is the
+    # one the lost cluster interrupts. storage_path and tracking: the nodes' environment.
+    sweep["resources"] = {"cpus_per_trial": 1, "max_failures": 3, "max_concurrent_trials": 1}
+    return sweep
+
+
+def trial_runs(client: MlflowClient) -> dict[str, object]:
+    exp = client.get_experiment_by_name("cluster")
+    if exp is None:
+        return {}
+    return {r.data.tags["ditsweep.trial"]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("ditsweep.role") == "trial"}
+
+
+def stored_checkpoint(c: LoopbackCluster, run) -> dict | None:
+    """The identity store's latest.json in S3, if this run wrote it."""
+    key = f"ray/checkpoints/{run.data.tags['ditsweep.identity']}/latest.json"
+    try:
+        latest = json.loads(c.s3.client().get_object(Bucket="runs", Key=key)["Body"].read())
+    except c.s3.client().exceptions.NoSuchKey:
+        return None
+    return latest if latest["run_id"] == run.info.run_id else None
+
+
+def wait_for_checkpoint(c: LoopbackCluster, client: MlflowClient, trial: str, timeout: float = 240):
+    """(run, latest.json) once `trial` has stored a checkpoint of its own in S3."""
+    def ready():
+        run = trial_runs(client).get(trial)
+        latest = run and "ditsweep.trial_pid" in run.data.tags and stored_checkpoint(c, run)
+        return (run, latest) if latest else None
+    return wait_for(ready, timeout, f"a stored checkpoint of {trial}", interval=0.3)
+
+
+def history(client: MlflowClient, run_id: str, metric: str) -> list:
+    return sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.timestamp, m.step))
+
+
+def test_sweep_on_a_cluster_survives_a_lost_node_and_a_lost_cluster():
+    started = time.monotonic()
+    with LoopbackCluster(workers=2, cpus_per_worker=3) as c:
+        up = time.monotonic() - started
+        # The dataset, packed into S3 as the README says; the job's directory: code and sweep.
+        pack = subprocess.run([sys.executable, "-m", "ditsweep.data", "pack", "builtin:photos",
+                               "s3://data/photos8", "--resolution", "8", "--workers", "1"],
+                              env=c.env, capture_output=True, text=True, timeout=300)
+        assert pack.returncode == 0, pack.stderr[-3000:]
+        shutil.copytree(REPO / "ditsweep", c.client_dir / "ditsweep",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        write_sweep(c.client_dir, cluster_sweep())
+        # Each node sees its own disk only: not the submitter's directory, not the head's.
+        for node in ("w0", "w1"):
+            seen = lambda path: Path(f"/proc/{c.processes(node)[0]}/root{path}")  # noqa: E731
+            assert seen(c.base / node / "ray").is_dir()
+            if c.isolated:
+                assert not seen(c.client_dir / "sweep.yaml").exists()
+                assert not seen(c.base / "head" / "ray").exists()  # the head's disk: hidden
+
+        # 1-3. The sweep through `ray job submit`; the first trial's node is killed mid-trial.
+        client = MlflowClient(c.tracking_uri)
+        submit = c.submit(["python", "-m", "ditsweep.run", "sweep.yaml"], no_wait=True,
+                          submission_id="sweep-1")
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        first, second = "000_DiT-T-1_global_N10_s0", "001_DiT-T-1_global_N10_s1"
+        run, latest = wait_for_checkpoint(c, client, first)
+        assert latest["step"] < STEPS, latest
+        node = c.node_of(int(run.data.tags["ditsweep.trial_pid"]))
+        assert node in ("w0", "w1"), node
+        # the evaluators take CPUs, so they live on the workers: one of them on this node
+        evaluators = {n: [p for p in c.processes(n) if b"EvalWorker" in _cmd(p)] for n in ("w0", "w1")}
+        assert evaluators["w0"] and evaluators["w1"], evaluators
+        coordinator = [p for p in c.processes("head") if b"EvalCoordinator" in _cmd(p)]
+        assert coordinator, "the evaluation pool's coordinator lives with the driver, on the head"
+        killed_wall = time.time()
+        c.kill_worker(int(node[1:]))
+        wait_for(lambda: c.alive_nodes() == 2, 60, "the killed node declared dead")
+        detected = time.time() - killed_wall
+
+        # The trial resumes on the surviving node: its first loss value logged after the kill.
+        def resumed_loss():
+            after = [m for m in history(client, run.info.run_id, "loss") if m.timestamp / 1000 > killed_wall]
+            return after[0] if after else None
+        first_after = wait_for(resumed_loss, 240, "the killed trial's next step")
+        recovery = first_after.timestamp / 1000 - killed_wall
+        print(f"\nworker node {node} killed at step >= {latest['step']}: declared dead after "
+              f"{detected:.1f} s; the trial's next step ({first_after.step}) logged {recovery:.1f} s "
+              f"after the kill")
+
+        logs = c.job_logs("sweep-1")
+        assert "preflight passed" in logs, logs[-3000:]  # on a cluster it runs by itself, first
+
+        # 4. The whole Ray cluster lost once the second trial has a checkpoint of its own.
+        run2, latest2 = wait_for_checkpoint(c, client, second)
+        c.stop()
+        assert latest2["step"] < STEPS
+        assert trial_runs(client)[first].info.status == "FINISHED"
+        lost_at = time.monotonic()
+        c.start()  # a RayJob retry: a new Ray cluster, empty disks, the same job
+        rerun = c.submit(["python", "-m", "ditsweep.run", "sweep.yaml"], timeout=600)
+        out = rerun.stdout + rerun.stderr
+        assert rerun.returncode == 0, out[-4000:]
+        assert "preflight passed" in out and "2/2 trials finished" in out, out[-3000:]
+        assert "1 already finished in this sweep; 1 to train" in out, out[-3000:]
+        second_job = time.monotonic() - lost_at
+
+        # MLflow: one sweep run, one run per trial, each with every loss step once, in order.
+        exp = client.get_experiment_by_name("cluster")
+        runs = client.search_runs([exp.experiment_id])
+        assert [r.info.status for r in runs if r.data.tags.get("ditsweep.role") == "sweep"] == ["FINISHED"]
+        trials = trial_runs(client)
+        assert sorted(trials) == [first, second]
+        for name, trial in trials.items():
+            assert trial.info.status == "FINISHED", name
+            assert trial.data.tags["ditsweep.attempts"] == "2", name  # one restart each
+            resumed = int(trial.data.tags["ditsweep.resumed_from_step"])
+            assert 0 < resumed < STEPS and resumed % CHECKPOINT_EVERY == 0, (name, resumed)
+            steps = [m.step for m in history(client, trial.info.run_id, "loss")]
+            assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), (name, steps)
+            psnr = sorted(m.step for m in client.get_metric_history(trial.info.run_id, "psnr_gap_mean"))
+            assert len(psnr) == len(set(psnr)) and psnr[-1] == STEPS, (name, psnr)
+            # An evaluation is missing only where the run says why: a job queued by the killed
+            # attempt whose weights died with it (OwnerDiedError, not retried), at a step the
+            # resumed attempt did not train again (it was at or before the restored checkpoint).
+            failures = trial.data.tags.get("ditsweep.eval_failure", "")
+            for step in set(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)) - set(psnr):
+                assert f"step {step} " in failures, (name, step, psnr, failures)
+        # the evaluator that died with the node was replaced and its job run again
+        attempts = [m.value for m in client.get_metric_history(trials[first].info.run_id, "eval_attempts")]
+        assert max(attempts) >= 2, attempts
+        # from its last checkpoint in S3 (it may have stored one more while the cluster went down)
+        assert int(trials[second].data.tags["ditsweep.resumed_from_step"]) >= latest2["step"]
+
+        # Everything the sweep keeps is in S3: Tune's experiment, checkpoints, MLflow artifacts.
+        keys = [o["Key"] for page in c.s3.client().get_paginator("list_objects_v2").paginate(Bucket="runs")
+                for o in page.get("Contents", [])]
+        assert any(k.startswith("ray/cluster/") for k in keys), keys[:20]
+        assert sum(k.startswith("ray/checkpoints/") and k.endswith("latest.json") for k in keys) == 2
+        assert any(k.startswith("mlflow/") and k.endswith("psnr_gap.png") for k in keys), keys[:20]
+    print(f"cluster test: {time.monotonic() - started:.0f} s (cluster up {up:.0f} s, after the lost "
+          f"cluster: restart and second job {second_job:.0f} s); recovery after the node kill "
+          f"{recovery:.1f} s")
+
+
+def _cmd(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
