@@ -69,3 +69,60 @@ def test_uint8_rgb_conversion():
     u8 = to_uint8_rgb(gray)
     assert u8.dtype == torch.uint8 and u8.shape == (1, 3, 2, 2)
     assert u8[0, 0].flatten().tolist() == [0, 128, 255, 255] and (u8[0, 0] == u8[0, 2]).all()
+
+
+def random_dits(k: int, layout: str = "3,5,7,G,G,G") -> list[torch.nn.Module]:
+    """k DiT-T/1 of one architecture, every weight drawn (else the zero-init output is trivial)."""
+    from ditsweep.models import build_model
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        model = build_model("DiT-T/1", image_size=8, layout=layout, attention_backend="torch").eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        models.append(model)
+    return models
+
+
+def test_fused_sampling_gives_each_member_its_own_samples():
+    """FID sampling of a fused group: one batched network call per step for both members, each
+    member's samples equal to sampling it alone with its own seed (3 images in batches of 2,
+    so the member-wise noise order across batches is checked too)."""
+    from ditsweep.eval.samples import generate, generate_fused
+    models = random_dits(2)
+    fused = generate_fused(models, 3, (3, 8, 8), 6, seeds=[5, 7], batch_size=2)
+    alone = [generate(m, 3, (3, 8, 8), 6, seed=s, batch_size=2) for m, s in zip(models, (5, 7))]
+    for f, a in zip(fused, alone):
+        assert f.shape == (3, 3, 8, 8)
+        torch.testing.assert_close(f, a, rtol=1e-4, atol=1e-4)
+    assert (alone[0] - alone[1]).abs().max() > 0.1  # two different members, not one twice
+
+
+def test_group_jobs_draw_fid_samples_once_for_all_members(tmp_path, weights, monkeypatch):
+    """run_group_jobs (a fused group's evaluations): both members' FID from the batched samples
+    equals their FID from their own jobs, and the samples were drawn by one fused call."""
+    from ditsweep.config import Sweep, expand
+    from ditsweep.eval import jobs, samples
+    from ditsweep.eval.jobs import EvalJob, run_group_jobs, run_job
+    from ditsweep.tracking import TrialRun
+
+    sweep = tiny_sweep(name="group", grid={"model": ["DiT-T/1"], "layout": ["local"], "n_train": [10],
+                                           "seed": [0, 1], "dataset": ["builtin:photos"]},
+                       eval={"fid": {"enabled": True, "num_samples": 4, "sampling_steps": 3,
+                                     "reference_images": 10, "batch_size": 4,
+                                     "feature_extractor_weights_path": str(weights)}},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    cfgs = expand(Sweep.model_validate(sweep))
+    states = [m.state_dict() for m in random_dits(2)]
+    group = [EvalJob(c.model_dump(), TrialRun(c.tracking_uri, c.experiment, None, c.trial, {}).run_id,
+                     6, False, ["fid"], s) for c, s in zip(cfgs, states)]
+    calls = []
+    fused_generate = samples.generate_fused
+    monkeypatch.setattr(samples, "generate_fused", lambda *a, **kw: calls.append(1) or fused_generate(*a, **kw))
+    together = run_group_jobs(group, states)
+    monkeypatch.setattr(samples, "generate_fused", None)  # alone: run_job samples by itself
+    alone = [run_job(j, s) for j, s in zip(group, states)]
+    assert calls == [1] and all(r.failures == {} for r in together + alone)
+    for t, a in zip(together, alone):
+        assert t.scalars["fid"] == pytest.approx(a.scalars["fid"], rel=1e-3)
+    assert jobs.samples is samples

@@ -14,6 +14,10 @@ replaced a missing measurement. Nothing here is ever filled in by hand.
      "eval": [{"metric": "psnr_gap", "model": "DiT-XS/1", "layout": "...", "num_images": 300,
                "steps": 50, "seconds": 36.5}]}
 
+A train row may carry `"fuse": k` (k trials trained as one fused model, ditsweep/train/fused.py):
+its `steps_per_second` is then the group's (each member's) steps/s, and `trial_steps_per_second`
+= k x that. Rows without "fuse" (every file written before fused training) are k = 1.
+
 eval metrics: psnr_gap (num_images K, steps S), fid_sampling (seconds per 1000 images at
 `steps` sampler steps), jacobian (one Jacobian of a resolution x resolution image).
 """
@@ -71,12 +75,30 @@ class Calibration:
         return cls(json.loads(path.read_text()), path)
 
     # ---- training --------------------------------------------------------------------------
+    def fused_ks(self) -> list[int]:
+        """The fuse k of the measured train rows (1 always counts: rows without "fuse")."""
+        return sorted({fuse_of(r) for r in self.data.get("train", [])} | {1})
+
     def train_speed(self, model: str, layout: str, resolution: int, batch_size: int, precision: str,
-                    compile: bool, trials_per_gpu: int) -> Figure | None:
-        """Steps/s of ONE trial when `trials_per_gpu` trials share the GPU; None when nothing
-        comparable was measured. Missing figures are replaced by conservative stand-ins, each
-        named in the source: the same layout family, tf32 by fp32 (TF32 is never slower),
-        compiled by uncompiled, k trials per GPU by the single trial's speed / k (no gain)."""
+                    compile: bool, trials_per_gpu: int, fuse: int = 1) -> Figure | None:
+        """Trial-steps/s of ONE trial's share of the GPU: its steps/s when `trials_per_gpu` trials
+        share the GPU, or, with `fuse` k > 1, k x the steps/s of a group of k fused trials (a
+        trial then costs 1/k of the group's GPU time). None when nothing comparable was
+        measured. Missing figures are replaced by conservative stand-ins, each named in the
+        source: the same layout family, tf32 by fp32 (TF32 is never slower), compiled by
+        uncompiled, k trials per GPU by the single trial's speed / k (no gain), a fuse k that
+        was not measured (same precision and compile) by training alone (fuse 1)."""
+        if fuse > 1:
+            fused = self._fused_speed(model, layout, resolution, batch_size, precision, compile, fuse)
+            if fused is not None:
+                return fused
+            alone = self.train_speed(model, layout, resolution, batch_size, precision, compile, trials_per_gpu)
+            if alone is None:
+                return None
+            note = f"assumed: fuse {fuse} not measured: trained alone (fuse 1)"
+            if alone.measured:
+                return Figure(alone.value, f"{note} [{alone.source}]")
+            return Figure(alone.value, f"{note}; {alone.source.removeprefix('assumed: ')}")
         family = kernel_family(layout)
         comparable = [r for r in self.data.get("train", []) if r["resolution"] == resolution
                       and r["batch_size"] == batch_size and kernel_family(r["layout"]) == family]
@@ -96,7 +118,7 @@ class Calibration:
 
         def pick(prec: str, comp: bool, k: int):
             found = [r for r in rows if r["precision"] == prec and bool(r["compile"]) == comp
-                     and int(r.get("trials_per_gpu", 1)) == k]
+                     and int(r.get("trials_per_gpu", 1)) == k and fuse_of(r) == 1]
             exact = [r for r in found if r["layout"] == layout]
             return (exact or found or [None])[0]
 
@@ -129,11 +151,33 @@ class Calibration:
             source = "assumed: " + "; ".join(assumptions) + f" [{source}]"
         return Figure(row["steps_per_second"] * factor, source)
 
+    def _fused_speed(self, model: str, layout: str, resolution: int, batch_size: int, precision: str,
+                     compile: bool, fuse: int) -> Figure | None:
+        """k x the measured steps/s of a fused group of `fuse` trials (this preset, same family,
+        precision and compile), or None: fused rows are never stood in for by other settings."""
+        family = kernel_family(layout)
+        rows = [r for r in self.data.get("train", []) if fuse_of(r) == fuse and r["model"] == model
+                and r["resolution"] == resolution and r["batch_size"] == batch_size
+                and kernel_family(r["layout"]) == family and r["precision"] == precision
+                and bool(r["compile"]) == compile]
+        row = next((r for r in rows if r["layout"] == layout), rows[0] if rows else None)
+        if row is None:
+            return None
+        source = (f"{self.where}: {model} layout {row['layout']} {precision}{' compiled' if compile else ''}, "
+                  f"fuse {fuse}: {fuse} x {row['steps_per_second']:.4g} steps/s of the group")
+        if row["layout"] != layout:
+            source = f"assumed: layout {layout} taken as {row['layout']} (same family) [{source}]"
+        return Figure(fuse * row["steps_per_second"], source)
+
     # ---- evaluation ------------------------------------------------------------------------
-    def eval_seconds(self, metric: str, model: str, **size) -> Figure | None:
+    def eval_seconds(self, metric: str, model: str, precision: str | None = None, **size) -> Figure | None:
         """Seconds of one evaluation, scaled linearly from the measured one to `size`
-        (psnr_gap: num_images, steps; fid_sampling: images, steps; jacobian: resolution)."""
+        (psnr_gap: num_images, steps; fid_sampling: images, steps; jacobian: resolution).
+        `precision` (e.g. "bf16" for eval.precision bf16): rows measured so are preferred; a
+        figure of another precision stands in, said so."""
         rows = [r for r in self.data.get("eval", []) if r["metric"] == metric]
+        if precision is not None:  # the precision asked for first, then any
+            rows = sorted(rows, key=lambda r: r.get("precision") != precision)
         row = next((r for r in rows if r["model"] == model), rows[0] if rows else None)
         if row is None:
             return None
@@ -149,7 +193,15 @@ class Calibration:
             f"{k}={row[k]}" for k in ("num_images", "steps", "images", "resolution") if k in row)
         if notes:
             source += " (scaled: " + ", ".join(notes) + ")"
+        if precision is not None and row.get("precision") != precision:
+            source = (f"assumed: {metric} in {precision} not measured: the "
+                      f"{row.get('precision', 'unnamed')} figure [{source}]")
         return Figure(row["seconds"] * scale, source)
+
+
+def fuse_of(row: dict) -> int:
+    """A train row's fuse k (rows written before fused training have none: 1)."""
+    return int(row.get("fuse", 1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,12 +236,15 @@ def find_calibration(gpu: str | None) -> Calibration | None:
 
 
 def write_calibration(path: str | Path, gpu: str, measured_at: str, source: str, software: dict,
-                      train: list[dict], evals: list[dict]) -> Path:
-    """Write a calibration file (what `bench --gpu` measured); returns its path."""
+                      train: list[dict], evals: list[dict], drift: list[dict] | None = None) -> Path:
+    """Write a calibration file (what `bench --gpu` measured); returns its path. `drift`: the
+    bf16-vs-tf32 drift rows and verdict, kept as a record (no estimate reads them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "gpu": gpu, "measured_at": measured_at, "source": source,
             "software": software, "train": train, "eval": evals}
+    if drift:
+        data["drift"] = drift
     Calibration(data)  # validate before writing
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path

@@ -6,8 +6,11 @@ Measures, with the project's own Trainer and evaluation code, on the GPU where i
   the fraction of the bf16 matrix peak (measured here with one large matmul);
 - pack: the same with 2 and 4 trials sharing the GPU, as separate processes (as Ray runs
   fractional GPUs), started together once all have compiled;
-- eval: one PSNR-gap evaluation (K=300, S=50), FID sampling (timed on one batch and scaled to
-  1000 images at 250 steps), one 32x32 Jacobian.
+- eval: one PSNR-gap evaluation (K=300, S=50, --eval-precision), one 32x32 Jacobian; sampling:
+  FID sampling per 1000 images at 250 steps through the evaluators' path (--eval-precision,
+  --eval-compile), alone and batched over fused members;
+- fused: trial-steps/s of k = 1, 2, 4, 8 trials trained as one fused model; drift: bf16 vs tf32
+  against the seed-to-seed spread (both in gpu_fused.py).
 Every measurement is one JSON line in OUT/bench_gpu.jsonl as it finishes, so a run cut short
 keeps what it measured; `write` turns the lines into OUT/<gpu-slug>.json (ditsweep.calibration).
 `--smoke` runs the same code on a CPU with DiT-T/1 at 8x8 (a check of the harness, no figures).
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ditsweep.bench import gpu_fused
 from ditsweep.bench.calibration import step_flops
 
 T0 = time.time()
@@ -236,17 +240,10 @@ def measure_evals(out: Path, args) -> None:
     common = dict(model=model_name, layout="local", precision=args.eval_precision)
     k, s = (8, 5) if args.smoke else (300, 50)
     jobs = {
-        "psnr_gap": lambda: psnr_gap(m, imgs[:k].to(device()), imgs[300:300 + k].to(device()), num_steps=s),
+        "psnr_gap": lambda: psnr_gap(m, imgs[:k].to(device()), imgs[300:300 + k].to(device()), num_steps=s,
+                                     batch_size=args.sample_batch, bf16=args.eval_precision == "bf16"),
     }
-    sample_batch, sample_steps = (4, 5) if args.smoke else (256, 25)
-
-    def sampling():
-        diffusion = create_diffusion(str(sample_steps))
-        with torch.no_grad():
-            diffusion.p_sample_loop(m, (sample_batch, 3, res, res), device=device(),
-                                    generator=torch.Generator(device=device()).manual_seed(0))
-    jobs["fid_sampling"] = sampling
-    diffusion = create_diffusion()
+    diffusion = create_diffusion()  # FID sampling: the `sampling` phase (gpu_fused.py)
 
     def one_jacobian():
         x = imgs[0].to(device())
@@ -267,11 +264,7 @@ def measure_evals(out: Path, args) -> None:
                 job()
                 sync()
                 seconds = time.perf_counter() - start
-            size = {"psnr_gap": dict(num_images=k, steps=s), "jacobian": dict(resolution=res),
-                    "fid_sampling": dict(images=1000, steps=250)}[metric]
-            if metric == "fid_sampling":  # one batch of S steps, scaled to 1000 images x 250 steps
-                seconds *= (1000 / sample_batch) * (250 / sample_steps)
-                size["measured_as"] = f"{sample_batch} images x {sample_steps} steps, scaled linearly"
+            size = {"psnr_gap": dict(num_images=k, steps=s), "jacobian": dict(resolution=res)}[metric]
             emit(out, "eval", metric=metric, **common, **size, seconds=seconds)
         except Exception as e:  # noqa: BLE001
             emit(out, "eval", metric=metric, **common, error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -279,28 +272,6 @@ def measure_evals(out: Path, args) -> None:
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def measure_drift(out: Path, args) -> None:
-    """bf16 against tf32 from the same seed on builtin:photos: loss every 100 steps and the final
-    PSNR gap of the EMA model (K=300, S=50), for the README's drift statement."""
-    from ditsweep.data import load_split, to_model_range
-    from ditsweep.eval.psnr_gap import psnr_gap
-    res = 8 if args.smoke else 32
-    train, test = load_split("builtin:photos", res, 1000, 300)
-    for precision in ("tf32", "bf16"):
-        cfg = trial_config("DiT-XS/1", "global", precision, False, args.smoke)  # needs no NATTEN
-        trainer = make_trainer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 100})}))
-        trainer.images = to_model_range(train).to(trainer.device)
-        curve = []
-        while trainer.step < args.drift_steps:
-            trainer.train_step()
-            if trainer.step % 100 == 0:
-                curve.append(trainer.read_loss())
-        gap = psnr_gap(trainer.ema, to_model_range(train[:300]).to(trainer.device),
-                       to_model_range(test[:300]).to(trainer.device), num_steps=50)
-        emit(out, "drift", precision=precision, steps=trainer.step, loss_every_100=curve,
-             psnr_gap_mean=gap.mean_gap)
 
 
 def write(out: Path, path: Path | None = None) -> Path:
@@ -311,25 +282,30 @@ def write(out: Path, path: Path | None = None) -> Path:
     gpu = env.get("gpu", "unknown")
     keep = ("model", "layout", "resolution", "batch_size", "precision", "compile", "trials_per_gpu",
             "steps_per_second", "first_step_s", "peak_mem_gib", "attention", "fallback", "backend",
-            "fraction_of_bf16_peak", "tflop_per_step", "per_trial", "total_steps_per_second")
+            "fraction_of_bf16_peak", "tflop_per_step", "per_trial", "total_steps_per_second",
+            "fuse", "trial_steps_per_second")
     train = [{k: r[k] for k in keep if k in r} for r in rows
-             if r["kind"] in ("train", "pack") and "error" not in r and r.get("backend", "auto") == "auto"]
+             if r["kind"] in ("train", "pack", "fused") and "error" not in r and r.get("backend", "auto") == "auto"]
     evals = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r["kind"] == "eval" and "error" not in r]
     peak = next((r["bf16_matmul_tflops"] for r in rows if r["kind"] == "peak" and r.get("bf16_matmul_tflops")), None)
     for r in train:  # rows from processes that did not measure the peak themselves
         if peak and r.get("tflop_per_step") and r.get("fraction_of_bf16_peak") is None:
             r["fraction_of_bf16_peak"] = r["tflop_per_step"] * r["steps_per_second"] / peak
+    drift = [{k: v for k, v in r.items() if k != "kind"} for r in rows
+             if r["kind"] in ("drift", "drift_verdict") and "error" not in r]
     path = path or out / f"{gpu_slug(gpu)}.json"
     return write_calibration(path, gpu, datetime.date.today().isoformat(),
                              "python -m ditsweep.bench --gpu (ditsweep/bench/gpu.py)",
-                             {k: v for k, v in env.items() if k not in ("kind", "gpu")}, train, evals)
+                             {k: v for k, v in env.items() if k not in ("kind", "gpu")}, train, evals,
+                             drift=drift or None)
 
 
 def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ditsweep.bench --gpu")
     p.add_argument("--out", default="bench-gpu-out", help="folder for bench_gpu.jsonl and the calibration file")
     p.add_argument("--phases", default="peak,global,eval,local,pack,write",
-                   help="comma list of peak, syncs, global, local, unet, flex, eval, pack, drift, write")
+                   help="comma list of peak, syncs, global, local, unet, flex, eval, sampling, pack, "
+                        "fused, drift, write")
     p.add_argument("--precisions", default="tf32,bf16,fp32")
     p.add_argument("--compile", default="off,on", help="off, on, or both")
     p.add_argument("--pack", default="local:tf32:off,local:bf16:on", help="family:precision:compile,...")
@@ -338,8 +314,19 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pack-seconds", type=float, default=15)
     p.add_argument("--pack-startup", type=float, default=120, help="seconds a packed worker may take to start")
-    p.add_argument("--eval-precision", default="tf32")
-    p.add_argument("--drift-steps", type=int, default=3000, help="steps per precision of the drift phase")
+    p.add_argument("--eval-precision", default="tf32", help="tf32, fp32 or bf16 (eval, sampling)")
+    p.add_argument("--eval-compile", default="off", help="sampling: torch.compile the denoiser (on/off)")
+    p.add_argument("--sample-batch", type=int, default=512, help="images per network call (eval, sampling)")
+    p.add_argument("--sample-members", type=int, default=4, help="sampling: fused members sampled at once")
+    p.add_argument("--fused", default="global:bf16:on,local:bf16:on,global:tf32:off,local:tf32:off",
+                   help="fused phase: family:precision:compile,...")
+    p.add_argument("--fuse-ks", default="1,2,4,8", help="fused phase: members per fused model")
+    p.add_argument("--drift-steps", type=int, default=2000, help="steps of each drift training")
+    p.add_argument("--drift-window", type=int, default=100, help="steps per loss window of the drift phase")
+    p.add_argument("--drift-n", type=int, default=100, help="training images of the drift trainings")
+    p.add_argument("--drift-gap-steps", type=int, default=50, help="PSNR-gap timesteps S of the drift phase")
+    p.add_argument("--drift-compile", default="on", help="compile the bf16 drift training (on/off)")
+    p.add_argument("--drift-parallel", type=int, default=1, help="1: the three drift trainings at once")
     p.add_argument("--budget", type=float, default=0, help="seconds; 0: no limit (later items are skipped)")
     p.add_argument("--smoke", action="store_true", help="tiny models on any device: checks the harness")
     args = p.parse_args(argv)
@@ -375,6 +362,16 @@ def run(argv: list[str] | None = None) -> None:
                     measure_train(out, "local", precision, False, args, peak, backend)
     if "eval" in phases and left() > 30:
         measure_evals(out, args)
+    if "sampling" in phases and left() > 30:
+        gpu_fused.measure_sampling(out, args)
+    if "fused" in phases:
+        for item in args.fused.split(","):
+            family, precision, comp = item.split(":")
+            for k in map(int, args.fuse_ks.split(",")):
+                if left() < 45:
+                    print(f"budget: skipping fused {item} k={k}", flush=True)
+                    continue
+                gpu_fused.measure_fused(out, family, precision, comp == "on", k, args, peak)
     if "pack" in phases:
         for item in args.pack.split(","):
             family, precision, comp = item.split(":")
@@ -384,7 +381,7 @@ def run(argv: list[str] | None = None) -> None:
                     continue
                 measure_pack(out, family, precision, comp == "on", k, args)
     if "drift" in phases:
-        measure_drift(out, args)
+        gpu_fused.measure_drift(out, args)
     if "write" in phases:
         print(f"calibration file: {write(out)}", flush=True)
 
@@ -392,6 +389,8 @@ def run(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         worker(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "drift-worker":
+        gpu_fused.drift_worker(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "write":
         print(write(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None))
     else:

@@ -6,7 +6,7 @@ turns pydantic's errors into `FILE: FIELD: what is wrong (value)` lines and expa
 """
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
@@ -179,6 +179,15 @@ class EvalActorSettings(Strict):
 
 class EvalSettings(Strict):
     use_ema: bool = True
+    # On CUDA evaluators only (CPU evaluators always run float32 at the metrics' batch sizes):
+    # precision bf16 runs the denoiser of the PSNR gap and of FID/sample-grid sampling under
+    # bfloat16 autocast (within 0.01 dB of fp32 on a tiny DiT, tests/test_psnr_gap.py; not yet
+    # measured at paper scale); gpu_batch_size images per network call there (per member: a fused
+    # group's FID sampling calls the network on k times as many); compile: torch.compile the
+    # denoiser (pays off for FID's 50k samples x 250 steps, not for one PSNR gap).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gpu_batch_size: int = Field(512, gt=0)
+    compile: bool = False
     psnr_gap: PsnrGapSettings = PsnrGapSettings()
     fid: FidSettings = Field(default_factory=FidSettings)
     attention: AttentionSettings = AttentionSettings()
@@ -196,6 +205,10 @@ class Resources(Strict):
     steps_per_second: float | None = Field(None, gt=0)  # measured speed, for --dry-run's estimate
     # GPU model the trials run on (e.g. "NVIDIA H100 80GB HBM3"): picks --dry-run's calibration file
     gpu: str | None = None
+    # Trials trained as one process holding k member models (ditsweep/train/fused.py): trials
+    # that differ only in N, seed or dataset are grouped up to k; 1 trains each trial alone;
+    # "auto": the k with the most trial-steps/s in the calibration file (1 without one)
+    fuse: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
 
 class Tracking(Strict):

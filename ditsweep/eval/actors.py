@@ -4,6 +4,7 @@
     trial:      evaluator = Evaluator(cfg, run_id)
                 evaluator.submit(ema, step)          # returns at once
                 final = evaluator.finish(ema, step)  # the final job, then waits for all jobs
+    fused:      submit_group(evaluators, emas, step)  # members' finals, FID sampled batched
 
 One named coordinator actor (no resources of its own) owns `eval.actors.count` worker actors,
 each with `eval.actors.cpus` CPUs and `eval.actors.gpus` GPUs. `start_pool` creates them before
@@ -19,11 +20,14 @@ from its images, steps and metrics), the worker is killed and replaced and the j
 `eval.actors.max_retries` times; a job that still fails, or that raises, is recorded in the run
 (tag `ditsweep.eval_failure`, with the reason) and never fails the training. Values are logged
 only after a job succeeded, and a (metric, step) already in the run is never logged again.
+The final jobs of a fused group's members that sample FID run as ONE pool job (eval/jobs.py
+run_group_jobs: the members' samples drawn batched over members), holding every member's lock.
 A trial that gets more than MAX_PENDING evaluations ahead of the pool waits for it (each queued
 job holds a copy of the weights).
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -35,7 +39,7 @@ from ray.exceptions import RayActorError
 
 from ditsweep.config import EvalActorSettings, Sweep, TrialConfig
 from ditsweep.eval.deadline import job_deadline
-from ditsweep.eval.jobs import METRICS, EvalJob, EvalResult, metrics_due, process_info, run_job
+from ditsweep.eval.jobs import METRICS, EvalJob, EvalResult, metrics_due, process_info, run_group_jobs
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +63,17 @@ class EvalWorker:
     def info(self) -> dict:
         return {**process_info(), "device": str(self.device)}
 
-    def run(self, job: EvalJob) -> EvalResult:
-        weights = ray.get(job.weights) if isinstance(job.weights, ray.ObjectRef) else job.weights
-        return run_job(job, weights, self.device)
+    def run(self, jobs: list[EvalJob]) -> list[EvalResult]:
+        """One job, or a fused group's final jobs (same step; FID sampled for all at once)."""
+        weights = [ray.get(j.weights) if isinstance(j.weights, ray.ObjectRef) else j.weights for j in jobs]
+        return run_group_jobs(jobs, weights, self.device)
 
 
 class _Worker:
     def __init__(self, settings: EvalActorSettings):
-        self.handle = EvalWorker.options(num_cpus=settings.cpus, num_gpus=settings.gpus).remote(
-            settings.cpus, settings.gpus)
+        # SPREAD: one lost node takes at most its share of the pool, not every evaluator
+        self.handle = EvalWorker.options(num_cpus=settings.cpus, num_gpus=settings.gpus,
+                                         scheduling_strategy="SPREAD").remote(settings.cpus, settings.gpus)
         self.info = self.handle.info.remote()  # resolves once the actor is up
 
 
@@ -94,62 +100,76 @@ class EvalCoordinator:
 
     async def evaluate(self, job: EvalJob) -> EvalResult:
         """Run one job (retrying on a dead worker), log its values to the trial's run, return it."""
-        jobs = self.per_trial[job.trial["trial"]]  # for the progress view
-        jobs["queued"] += 1
-        async with self.trial_locks[job.trial["trial"]]:  # asyncio.Lock wakes waiters in FIFO order
-            jobs["queued"] -= 1
-            jobs["running"] += 1
-            result = await self._run_with_retries(job)
-            try:
-                await asyncio.to_thread(record_result, job, result)
-            except Exception as e:  # MLflow unreachable even after retries: say so, keep going
-                log.error("could not log evaluation %s to MLflow: %s", job.name, e)
-                result.failures["mlflow"] = f"{type(e).__name__}: {e}"
-            self.counts["jobs"] += 1
-            jobs["running"] -= 1
-            jobs["failed" if result.failures else "done"] += 1
-            return result
+        return (await self.evaluate_group([job]))[0]
 
-    async def _run_with_retries(self, job: EvalJob) -> EvalResult:
+    async def evaluate_group(self, jobs: list[EvalJob]) -> list[EvalResult]:
+        """Run jobs of different trials as one (a fused group's finals) after each trial's
+        earlier jobs; log each job's values to its trial's run; their results in job order."""
+        counts = [self.per_trial[j.trial["trial"]] for j in jobs]  # for the progress view
+        for c in counts:
+            c["queued"] += 1
+        async with contextlib.AsyncExitStack() as held:
+            # asyncio.Lock wakes waiters in FIFO order; taken in name order, so groups never deadlock
+            for name in sorted(j.trial["trial"] for j in jobs):
+                await held.enter_async_context(self.trial_locks[name])
+            for c in counts:
+                c["queued"] -= 1
+                c["running"] += 1
+            results = await self._run_with_retries(jobs)
+            for job, result, c in zip(jobs, results, counts):
+                try:
+                    await asyncio.to_thread(record_result, job, result)
+                except Exception as e:  # MLflow unreachable even after retries: say so, keep going
+                    log.error("could not log evaluation %s to MLflow: %s", job.name, e)
+                    result.failures["mlflow"] = f"{type(e).__name__}: {e}"
+                self.counts["jobs"] += 1
+                c["running"] -= 1
+                c["failed" if result.failures else "done"] += 1
+        return results
+
+    async def _run_with_retries(self, jobs: list[EvalJob]) -> list[EvalResult]:
         reasons = []
         # A hung job (a stuck collective, NFS, a deadlock) would wait forever: past its deadline,
         # scaled from its size, its actor is killed and replaced and the job retried.
-        deadline = await asyncio.to_thread(job_deadline, job.trial, job.metrics, self.settings)
+        deadline = sum([await asyncio.to_thread(job_deadline, j.trial, j.metrics, self.settings) for j in jobs])
+        name = jobs[0].name + (f" +{len(jobs) - 1} fused" if len(jobs) > 1 else "")
         started = time.monotonic()
+
+        def each(**fields) -> list[EvalResult]:
+            return [EvalResult(step=j.step, final=j.final, **fields) for j in jobs]
         for attempt in range(1, self.settings.max_retries + 2):
             worker = await self.idle.get()
             try:
-                self.running[job.name] = {**await worker.info, "attempt": attempt, "deadline_s": deadline}
-                result = await asyncio.wait_for(
-                    asyncio.wrap_future(worker.handle.run.remote(job).future()), deadline)
+                self.running[name] = {**await worker.info, "attempt": attempt, "deadline_s": deadline}
+                results = await asyncio.wait_for(
+                    asyncio.wrap_future(worker.handle.run.remote(jobs).future()), deadline)
             except RayActorError as e:
                 # The worker process is gone: replace it and run the job again on a live one.
                 reasons.append(f"attempt {attempt}: evaluation actor died ({_first_line(e)})")
-                log.warning("evaluation %s: %s", job.name, reasons[-1])
+                log.warning("evaluation %s: %s", name, reasons[-1])
                 worker = self._replace(worker)
                 continue
             except asyncio.TimeoutError:
                 reasons.append(f"attempt {attempt}: no result within its deadline of {deadline:.0f} s, "
                                f"actor killed")
-                log.warning("evaluation %s: %s", job.name, reasons[-1])
+                log.warning("evaluation %s: %s", name, reasons[-1])
                 self.counts["deadlines_missed"] += 1
                 worker = self._replace(worker)
                 continue
             except Exception as e:  # the job itself raised (e.g. its weights were lost): no retry
-                self.counts["failed_jobs"] += 1
-                return EvalResult(step=job.step, final=job.final, attempts=attempt,
-                                  failures={"job": f"{type(e).__name__}: {_first_line(e)}"})
+                self.counts["failed_jobs"] += len(jobs)
+                return each(attempts=attempt, failures={"job": f"{type(e).__name__}: {_first_line(e)}"})
             finally:
-                self.running.pop(job.name, None)
+                self.running.pop(name, None)
                 self.idle.put_nowait(worker)  # the replacement, if this one died
-            result.attempts = attempt
-            self.counts["retried_jobs"] += attempt > 1
-            return result
-        self.counts["failed_jobs"] += 1
+            for result in results:
+                result.attempts = attempt
+            self.counts["retried_jobs"] += (attempt > 1) * len(jobs)
+            return results
+        self.counts["failed_jobs"] += len(jobs)
         took = time.monotonic() - started
-        return EvalResult(step=job.step, final=job.final, attempts=len(reasons), seconds={"job": took},
-                          failures={"job": f"gave up after {len(reasons)} attempts in {took:.0f} s: "
-                                           + "; ".join(reasons)})
+        return each(attempts=len(reasons), seconds={"job": took},
+                    failures={"job": f"gave up after {len(reasons)} attempts in {took:.0f} s: " + "; ".join(reasons)})
 
     def _replace(self, worker: "_Worker") -> "_Worker":
         """Kill a dead, unreachable or hung worker and start another in its place."""
@@ -209,16 +229,21 @@ class Evaluator:
 
     def submit(self, model: torch.nn.Module, step: int, final: bool = False) -> bool:
         """Queue the metrics due at `step` on a copy of the weights; False if none are due."""
+        job = self.job(model, step, final)
+        if job is not None:
+            self.pending.append(self.pool.evaluate.remote(job))
+        return job is not None
+
+    def job(self, model: torch.nn.Module, step: int, final: bool) -> EvalJob | None:
+        """The job of the metrics due at `step` (None if none are due), once the pool has room."""
         metrics = metrics_due(self.cfg.eval, step, final, self.cfg.n_train)
         if not metrics:
-            return False
+            return None
         self._limit_pending()
         # A CPU copy now: training goes on changing the weights while the job waits in the queue.
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        job = EvalJob(trial=self.cfg.model_dump(), run_id=self.run_id, step=step, final=final,
-                      metrics=metrics, weights=ray.put(state))
-        self.pending.append(self.pool.evaluate.remote(job))
-        return True
+        return EvalJob(trial=self.cfg.model_dump(), run_id=self.run_id, step=step, final=final,
+                       metrics=metrics, weights=ray.put(state))
 
     def _limit_pending(self) -> None:
         """Back-pressure: if evaluation falls behind training, each queued job pins a copy of the
@@ -234,7 +259,11 @@ class Evaluator:
     def finish(self, model: torch.nn.Module, step: int) -> EvalResult | None:
         """Submit the final evaluation and wait for every job of this trial; returns the final
         job's result (its values are already in MLflow)."""
-        submitted = self.submit(model, step, final=True)
+        return self.wait(step, submitted=self.submit(model, step, final=True))
+
+    def wait(self, step: int, submitted: bool = True) -> EvalResult | None:
+        """Wait for every job of this trial; the final one's result if it was `submitted` (a
+        fused group submits all its members' final evaluations first, then waits for each)."""
         results = []
         for ref in self.pending:
             try:
@@ -249,6 +278,23 @@ class Evaluator:
                     log.exception("could not record the evaluation pool's failure in MLflow")
         self.pending.clear()
         return results[-1] if submitted and results else None
+
+
+def submit_group(evaluators: list[Evaluator], models: list[torch.nn.Module], step: int) -> list[bool]:
+    """The final evaluations of a fused group's members, all at `step`: the members that sample
+    FID go to the pool as one job (their samples drawn batched over members, each member's as
+    its own job would draw them); the others as their own jobs. Then `evaluator.wait` each."""
+    jobs = [e.job(m, step, final=True) for e, m in zip(evaluators, models)]
+    together = [i for i, j in enumerate(jobs) if j is not None and "fid" in j.metrics]
+    if len(together) > 1:
+        refs = evaluators[together[0]].pool.evaluate_group.options(num_returns=len(together)).remote(
+            [jobs[i] for i in together])
+        for i, ref in zip(together, refs):
+            evaluators[i].pending.append(ref)
+    for i, (e, j) in enumerate(zip(evaluators, jobs)):
+        if j is not None and (i not in together or len(together) == 1):
+            e.pending.append(e.pool.evaluate.remote(j))
+    return [j is not None for j in jobs]
 
 
 def evaluate_saved(pool, cfg: TrialConfig, run_id: str, state_dict: dict, step: int,
@@ -275,8 +321,13 @@ def start_pool(sweep: Sweep, local: bool | None = None, trials: int | None = Non
     local = (not os.environ.get("RAY_ADDRESS")) if local is None else local
     check_fits(actors, sweep.resources.cpus_per_trial, sweep.resources.gpus_per_trial,
                ray.cluster_resources(), strict=local)
+    # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and die with it
+    # (or with an autoscaler's scale-down of an "idle" node), taking the whole pool along.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coordinator = EvalCoordinator.options(name=pool_name(sweep.name), namespace=NAMESPACE,
-                                          max_concurrency=10_000).remote(actors.model_dump())
+                                          max_concurrency=10_000, scheduling_strategy=here,
+                                          ).remote(actors.model_dump())
     workers = ray.get(coordinator.ready.remote(), timeout=READY_TIMEOUT_S)
     log.info("evaluation pool %s: %d workers %s", pool_name(sweep.name), len(workers), workers)
     return coordinator

@@ -108,10 +108,15 @@ class _Context:
     samples already generated, the output folder and the MLflow client."""
 
     def __init__(self, job: EvalJob, cfg: TrialConfig, model: torch.nn.Module, device: torch.device,
-                 out: Path):
+                 out: Path, samples: dict[int, torch.Tensor] | None = None):
         self.job, self.cfg, self.model, self.device, self.out = job, cfg, model, device, out
         self._split = None
-        self._samples: dict[int, torch.Tensor] = {}  # sampling steps -> images
+        self._samples: dict[int, torch.Tensor] = dict(samples or {})  # sampling steps -> images
+        # eval.precision / gpu_batch_size / compile apply on CUDA only; the CPU path is float32
+        gpu = device.type == "cuda"
+        self.bf16 = gpu and cfg.eval.precision == "bf16"
+        self.gpu_batch = cfg.eval.gpu_batch_size if gpu else None
+        self.denoiser = torch.compile(model) if gpu and cfg.eval.compile else model  # PSNR gap, sampling
 
     @property
     def tag(self) -> str:
@@ -131,8 +136,8 @@ class _Context:
         have = self._samples.get(steps)
         if have is None or len(have) < count:
             r = self.cfg.data.resolution
-            have = samples.generate(self.model, count, (3, r, r), steps, seed=self.cfg.seed,
-                                    batch_size=batch_size)
+            have = samples.generate(self.denoiser, count, (3, r, r), steps, seed=self.cfg.seed,
+                                    batch_size=self.gpu_batch or batch_size, bf16=self.bf16)
             self._samples[steps] = have
         return have[:count]
 
@@ -145,8 +150,9 @@ def _psnr_gap(ctx: _Context, result: EvalResult) -> list[tuple[Path, str | None]
     s = ctx.cfg.eval.psnr_gap
     train_u8, test_u8 = ctx.split()
     k = len(test_u8)
-    gap = psnr_gap(ctx.model, to_model_range(train_u8[:k]), to_model_range(test_u8),
-                   num_steps=s.steps, seed=ctx.cfg.seed, batch_size=s.batch_size)
+    gap = psnr_gap(ctx.denoiser, to_model_range(train_u8[:k]), to_model_range(test_u8),
+                   num_steps=s.steps, seed=ctx.cfg.seed, batch_size=ctx.gpu_batch or s.batch_size,
+                   bf16=ctx.bf16)
     result.scalars["psnr_gap_mean"] = gap.mean_gap
     if not ctx.job.final:
         return []
@@ -256,11 +262,13 @@ METRIC_FUNCTIONS = {"psnr_gap": _psnr_gap, "fid": _fid, "attention": _attention,
                     "jacobian": _jacobian, "samples": _samples, "attention_pca": _attention_pca}
 
 
-def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None) -> EvalResult:
+def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None,
+            presampled: dict[int, torch.Tensor] | None = None) -> EvalResult:
     """Compute a job's metrics and upload its figures to the trial's MLflow run.
 
     A metric that raises is recorded in `failures` with its reason and the others still run:
     a broken FID setup must not cost the PSNR gap. Numbers are returned, not logged.
+    `presampled`: {sampling steps: images} already generated for this job (run_group_jobs).
     """
     from mlflow.tracking import MlflowClient
 
@@ -272,7 +280,7 @@ def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None) 
     result = EvalResult(step=job.step, final=job.final, evaluator=process_info())
     client = MlflowClient(cfg.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="ditsweep-eval-") as d:
-        ctx = _Context(job, cfg, model, device, Path(d))
+        ctx = _Context(job, cfg, model, device, Path(d), presampled)
         for name in job.metrics:
             start = time.perf_counter()
             try:
@@ -284,3 +292,32 @@ def run_job(job: EvalJob, state_dict: dict, device: torch.device | None = None) 
                 result.failures[name] = f"{type(e).__name__}: {e}"
             result.seconds[name] = time.perf_counter() - start
     return result
+
+
+def run_group_jobs(jobs: list[EvalJob], state_dicts: list[dict],
+                   device: torch.device | None = None) -> list[EvalResult]:
+    """The jobs of a fused group's members (one job each, same step): the FID samples of all
+    members that need them are drawn at once (samples.generate_fused: one network call per
+    sampler step for the whole group, each member with its own seeded noise, so its samples are
+    those its own job would draw), then each job runs as `run_job` on them."""
+    device = device or torch.device("cpu")
+    cfgs = [TrialConfig.model_validate(j.trial) for j in jobs]
+    need = [i for i, j in enumerate(jobs) if "fid" in j.metrics]
+    presampled: list[dict[int, torch.Tensor]] = [{} for _ in jobs]
+    # members with other sampling settings (or a lone one) sample in their own job
+    alike = len({(cfgs[i].eval.fid.model_dump_json(), cfgs[i].eval.precision, cfgs[i].eval.gpu_batch_size)
+                 for i in need}) == 1
+    if len(need) > 1 and alike:
+        c = cfgs[need[0]].eval.fid
+        models = [eval_model(cfgs[i], state_dicts[i], device) for i in need]
+        r, gpu = cfgs[need[0]].data.resolution, device.type == "cuda"
+        drawn = samples.generate_fused(
+            models, c.num_samples, (3, r, r), c.sampling_steps, [cfgs[i].seed for i in need],
+            # per member, as its own job would batch (the noise it draws depends on it): the
+            # network sees len(need) x this many images per call
+            batch_size=cfgs[need[0]].eval.gpu_batch_size if gpu else c.batch_size,
+            bf16=gpu and cfgs[need[0]].eval.precision == "bf16")
+        for i, images in zip(need, drawn):
+            presampled[i] = {c.sampling_steps: images}
+        del models
+    return [run_job(j, sd, device, p) for j, sd, p in zip(jobs, state_dicts, presampled)]

@@ -1,4 +1,11 @@
-"""Generated samples: the respaced ancestral sampler on the (EMA) weights, and an image grid."""
+"""Generated samples: the respaced ancestral sampler on the (EMA) weights, and an image grid.
+
+`generate` samples one model; `generate_fused` samples k models of one architecture at once
+through models.fused.fuse (one batched network call per step for all members, as FID of a fused
+group needs), each member drawing from its own seeded generator exactly the noise `generate`
+would draw for it alone. `bf16=True` runs the network under bfloat16 autocast (CUDA evaluators
+with eval.precision: bf16); the sampler's arithmetic stays float32.
+"""
 
 import math
 from pathlib import Path
@@ -7,12 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditsweep.diffusion import sample
+from ditsweep.diffusion import create_diffusion, sample
+from ditsweep.models.fused import fuse
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, num_images: int, image_shape: tuple[int, int, int],
-             sampling_steps: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+             sampling_steps: int, seed: int = 0, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
     """`num_images` samples [n, C, H, W] in [-1, 1], from `sampling_steps` respaced steps.
 
     One seeded generator draws all the noise, so every evaluation of a trial (and every trial of
@@ -26,10 +34,51 @@ def generate(model: torch.nn.Module, num_images: int, image_shape: tuple[int, in
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
         noise = torch.randn((n, *image_shape), generator=gen)
-        out.append(sample(model, (n, *image_shape), num_steps=sampling_steps, noise=noise.to(device),
-                          generator=gen, device=device).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(sample(model, (n, *image_shape), num_steps=sampling_steps, noise=noise.to(device),
+                              generator=gen, device=device).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_fused(models: list[torch.nn.Module], num_images: int, image_shape: tuple[int, int, int],
+                   sampling_steps: int, seeds: list[int], batch_size: int = 256, bf16: bool = False,
+                   fused: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """`generate` for k models of one architecture at once: member i's samples [n, C, H, W] are
+    those `generate(models[i], ..., seed=seeds[i], batch_size=batch_size)` returns, to float
+    rounding. Each member keeps its own CPU generator and draws the same noise in the same order
+    (a batch's starting noise, then one draw per step), so only the batched network differs.
+
+    `batch_size` is per member: the network sees k * batch_size images per call. `fused`: an
+    already fused model of `models` (e.g. a FusedTrainer's EMA), else they are fused here.
+    """
+    k = len(models)
+    if len(seeds) != k:
+        raise ValueError(f"{k} models but {len(seeds)} seeds")
+    net = fused if fused is not None else fuse(models)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    diffusion = create_diffusion(str(sampling_steps))
+    model = diffusion.wrap_model(net)  # respaced step -> original timestep, as `sample` does
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        shape = (n, *image_shape)
+        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)   # [k*n, C, H, W]
+        for i in reversed(range(diffusion.num_timesteps)):
+            t = torch.full((k * n,), i, dtype=torch.long, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                p = diffusion.p_mean_variance(model, x, t)
+            # member m's step noise from its own generator, as p_sample draws it for it alone
+            noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = p["mean"] + (0.0 if i == 0 else 1.0) * torch.exp(0.5 * p["log_variance"]) * noise
+        for m, chunk in enumerate(x.cpu().split(n)):
+            out[m].append(chunk)
+    net.train(was_training)
+    return [torch.cat(chunks) for chunks in out]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, min_width: int = 512) -> None:

@@ -5,13 +5,21 @@
 `resources.steps_per_second` when the YAML gives one, else from the calibration file of
 `resources.gpu` (ditsweep/bench/calibration.py). Every figure says whether it was measured (on which
 GPU, when) or assumed.
+
+With `resources.fuse: k` the trials are priced as the groups they will train in (sweep/groups.py):
+a member of a group of m costs 1/m of the group's GPU time, at the calibration's measured
+trial-steps/s for fuse m; a group size that was not measured is priced as trained alone, and
+the figure says so. `choose_fuse` resolves `fuse: auto`. `python -m ditsweep.sweep.estimate
+SWEEP.yaml...` prints several sweeps' totals and their sum (e.g. the five paper sweeps).
 """
 
+import argparse
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ditsweep.bench.calibration import Calibration, Figure, find_calibration
-from ditsweep.config import Sweep, TrialConfig
+from ditsweep.config import Sweep, TrialConfig, expand, load_sweep
+from ditsweep.config.schema import Resources
 
 # A sampling step is one forward pass: about a third of a training step's forward + backward
 # (the usual 1:2 forward:backward FLOP ratio). Used only when sampling was not measured.
@@ -25,6 +33,7 @@ class TrialCost:
     evals: dict[str, float] = field(default_factory=dict)  # metric -> hours, FID included
     figures: dict[str, Figure] = field(default_factory=dict)  # what each number came from
     counts: dict[str, int] = field(default_factory=dict)      # metric -> evaluations per trial
+    fuse: int = 1                                             # members of its fused group
 
     @property
     def total(self) -> float | None:
@@ -40,24 +49,56 @@ def _evaluations(steps: int, every: int) -> int:
     return (steps - 1) // every + 1 if every else 1
 
 
-def train_speed(sweep: Sweep, trial: TrialConfig, cal: Calibration | None) -> Figure | None:
+def train_speed(sweep: Sweep, trial: TrialConfig, cal: Calibration | None, fuse: int = 1) -> Figure | None:
+    """Trial-steps/s of the trial's share of its GPU (k x a fused group's steps/s at fuse k)."""
     r, t = sweep.resources, trial.train
     if r.steps_per_second:
         return Figure(r.steps_per_second, "from the sweep's resources.steps_per_second")
     if cal is None or not r.gpus_per_trial:
         return None
     return cal.train_speed(trial.model, trial.layout, trial.data.resolution, t.batch_size, t.precision,
-                           t.compile, _trials_per_gpu(r.gpus_per_trial))
+                           t.compile, _trials_per_gpu(r.gpus_per_trial), fuse=fuse)
 
 
-def trial_cost(sweep: Sweep, trial: TrialConfig, cal: Calibration | None = None) -> TrialCost:
-    """Training and evaluation hours of one trial. Evaluation is counted for GPU sweeps only
-    (a CPU estimate comes from the YAML's steps/s alone)."""
+def choose_fuse(resources: Resources, calibration: Calibration | None = None,
+                trials: list[TrialConfig] | None = None) -> int:
+    """`resources.fuse` as a number. "auto": the k among the calibration's measured fuse rows that
+    trains `trials` (those that can be fused) in the fewest GPU-seconds per trial-step, i.e. the
+    highest trial-steps/s; a k counts only if it was measured for every setting (model, layout
+    family, precision, compile) of those trials. Without trials, the settings of the fused rows
+    themselves. 1 without a calibration file or fused rows."""
+    if resources.fuse != "auto":
+        return resources.fuse
+    cal = calibration or find_calibration(resources.gpu)
+    if cal is None:
+        return 1
+    from ditsweep.train.fused import unfusable
+    if trials is not None:
+        settings = {(t.model, t.layout, t.data.resolution, t.train.batch_size, t.train.precision,
+                     t.train.compile) for t in trials if not unfusable(t)}
+    else:
+        settings = {(r["model"], r["layout"], r["resolution"], r["batch_size"], r["precision"],
+                     bool(r["compile"])) for r in cal.data.get("train", []) if int(r.get("fuse", 1)) > 1}
+    best, best_cost = 1, None
+    for k in cal.fused_ks():
+        figures = [cal.train_speed(*s, trials_per_gpu=1, fuse=k) for s in settings]
+        if not settings or any(f is None or not f.measured for f in figures):
+            continue
+        cost = sum(1 / f.value for f in figures)  # GPU-seconds per trial-step, summed over settings
+        if best_cost is None or cost < best_cost:
+            best, best_cost = k, cost
+    return best
+
+
+def trial_cost(sweep: Sweep, trial: TrialConfig, cal: Calibration | None = None, fuse: int = 1) -> TrialCost:
+    """Training and evaluation hours of one trial (a member of a fused group of `fuse`: its share
+    of the group's GPU time). Evaluation is counted for GPU sweeps only (a CPU estimate comes from
+    the YAML's steps/s alone)."""
     r = sweep.resources
     if cal is None:
         cal = find_calibration(r.gpu)
-    speed = train_speed(sweep, trial, cal)
-    cost = TrialCost(train=None)
+    speed = train_speed(sweep, trial, cal, fuse)
+    cost = TrialCost(train=None, fuse=fuse)
     if speed is None:
         return cost
     cost.figures["train"] = speed
@@ -66,11 +107,13 @@ def trial_cost(sweep: Sweep, trial: TrialConfig, cal: Calibration | None = None)
     if not r.gpus_per_trial:
         return cost
     e, steps, res = trial.eval, trial.train.steps, trial.data.resolution
+    fast = "bf16" if e.precision == "bf16" else None  # eval.precision bf16: its own figures
     # a forward-only image-step at the trial's training speed, when sampling was not measured
     per_image_step = FORWARD_SHARE / (speed.value * trial.train.batch_size)
 
     def sampling(images: int, sampler_steps: int, what: str) -> Figure:
-        measured = cal.eval_seconds("fid_sampling", trial.model, images=1000, steps=sampler_steps) if cal else None
+        measured = cal.eval_seconds("fid_sampling", trial.model, precision=fast, images=1000,
+                                    steps=sampler_steps) if cal else None
         if measured is not None:
             return Figure(measured.value * images / 1000, measured.source + f", x{images / 1000:g}")
         return Figure(images * sampler_steps * per_image_step,
@@ -80,7 +123,8 @@ def trial_cost(sweep: Sweep, trial: TrialConfig, cal: Calibration | None = None)
     jobs: dict[str, tuple[int, Figure | None]] = {}
     if e.psnr_gap.enabled:
         k = min(e.psnr_gap.num_images, trial.n_train)
-        fig = cal.eval_seconds("psnr_gap", trial.model, num_images=k, steps=e.psnr_gap.steps) if cal else None
+        fig = cal.eval_seconds("psnr_gap", trial.model, precision=fast, num_images=k,
+                               steps=e.psnr_gap.steps) if cal else None
         if fig is None:  # 2K images through S one-step denoisings, forward only
             fig = Figure(2 * k * e.psnr_gap.steps * per_image_step,
                          "assumed: PSNR gap not measured; forward-only at the training speed")
@@ -110,6 +154,28 @@ def trial_gpu_hours(sweep: Sweep, trial: TrialConfig) -> float | None:
     return trial_cost(sweep, trial).total
 
 
+def fuse_plan(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None) -> tuple[dict[str, int], str | None]:
+    """{trial: size of its fused group} for resources.fuse, and the console line saying how the
+    trials will be grouped (None when the sweep does not fuse)."""
+    from ditsweep.sweep.groups import fuse_groups, fusion_summary
+    r = sweep.resources
+    k = choose_fuse(r, cal, trials) if r.gpus_per_trial or r.fuse != "auto" else 1
+    groups = fuse_groups(trials, k)
+    sizes = {t.trial: len(g) for g in groups for t in g}
+    if r.fuse == 1:
+        return sizes, None
+    where = cal.path.name if cal is not None and cal.path else "the calibration"
+    if r.fuse != "auto":
+        why = "resources.fuse"
+    elif cal is None:
+        why = "auto: no calibration file, so 1"
+    elif cal.fused_ks() == [1]:
+        why = f"auto: {where} has no fused measurement, so 1"
+    else:
+        why = f"auto: the best measured trial-steps/s in {where}"
+    return sizes, f"fuse: k = {k} ({why}); " + (fusion_summary(groups) or "no trials fused")
+
+
 def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
     """Trial count, resources, and the compute the sweep will take, with every figure's source."""
     r = sweep.resources
@@ -122,7 +188,16 @@ def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
         lines.append(f"speeds: calibration file {cal.path}" if cal else
                      f"speeds: no calibration file for GPU {r.gpu!r} (set resources.gpu to a GPU "
                      f"measured by `python -m ditsweep.bench --gpu`, or resources.steps_per_second)")
-    costs = [trial_cost(sweep, t, cal) for t in trials]
+    sizes, fuse_line = fuse_plan(sweep, trials, cal)
+    costs = [trial_cost(sweep, t, cal, sizes[t.trial]) for t in trials]
+    alone = sorted({c.fuse for c in costs if c.train is not None and "trained alone (fuse 1)" in
+                    c.figures["train"].source})
+    if fuse_line and alone:  # no guessed gain: such a trial costs what it costs unfused
+        n = sum(1 for c in costs if c.fuse in alone and "trained alone" in c.figures["train"].source)
+        fuse_line += (f"; fuse {', '.join(map(str, alone))} not measured for {n} of them"
+                      f"{' in ' + cal.path.name if cal else ''}: priced as trained alone")
+    if fuse_line:
+        lines.append(fuse_line)
     missing = [t.trial for t, c in zip(trials, costs) if c.total is None]
     if missing:
         lines.append(f"no estimate for {len(missing)} trials (e.g. {missing[0]}): set "
@@ -143,7 +218,8 @@ def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
             figures[(name, fig.value, fig.source)] += 1
     lines.append("figures (value, trials using it, source):")
     for (name, value, source), n in figures.items():
-        unit = "steps/s per trial" if name == "train" else "s per evaluation"
+        unit = ("trial-steps/s per GPU" if "steps/s of the group" in source  # a fused figure
+                else "steps/s per trial") if name == "train" else "s per evaluation"
         lines.append(f"  {name}: {value:,.4g} {unit}, {n} trials: {source}")
     train = sum(c.train for c in costs)
     fid = sum(c.evals.get("fid", 0.0) for c in costs)
@@ -162,3 +238,49 @@ def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
     lines.append(f"figures: {measured} measured, {yaml} from the sweep file, "
                  f"{len(sources) - measured - yaml} assumed")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Several sweeps' GPU-hours and their sum, optionally as if run on another GPU, fused or at
+    another precision: `python -m ditsweep.sweep.estimate sweeps/a.yaml sweeps/b.yaml --gpu ...`."""
+    p = argparse.ArgumentParser(prog="python -m ditsweep.sweep.estimate", description=main.__doc__)
+    p.add_argument("sweeps", nargs="+")
+    p.add_argument("--gpu", help="price on this GPU's calibration file (resources.gpu)")
+    p.add_argument("--fuse", help="resources.fuse: k or auto")
+    p.add_argument("--precision", choices=["tf32", "fp32", "bf16"], help="train.precision")
+    p.add_argument("--compile", choices=["off", "on"], help="train.compile")
+    p.add_argument("--verbose", action="store_true", help="each sweep's full plan_summary")
+    args = p.parse_args(argv)
+    total, kind = 0.0, "GPU"
+    for path in args.sweeps:
+        sweep = load_sweep(path, check_data=False)
+        res = {k: v for k, v in (("gpu", args.gpu), ("fuse", args.fuse)) if v is not None}
+        if "fuse" in res and res["fuse"] != "auto":
+            res["fuse"] = int(res["fuse"])
+        train = {k: v for k, v in (("precision", args.precision),
+                                   ("compile", None if args.compile is None else args.compile == "on"))
+                 if v is not None}
+        sweep = sweep.model_copy(update={"resources": sweep.resources.model_copy(update=res),
+                                         "train": sweep.train.model_copy(update=train)})
+        trials = [t.model_copy(update={"resources": sweep.resources,
+                                       "train": t.train.model_copy(update=train)})
+                  for t in expand(sweep, path, check_data=False)]
+        text = plan_summary(sweep, trials)
+        line = next((x for x in text.splitlines() if x.startswith("total: ")), None)
+        if args.verbose:
+            print(f"== {path}\n{text}\n")
+        if line is None:
+            print(f"{path}: no estimate\n{text}")
+            return 1
+        hours = float(line.split()[1].replace(",", ""))
+        kind = line.split()[2].split("-")[0]
+        total += hours
+        fuse = next((x for x in text.splitlines() if x.startswith("fuse: ")), "")
+        print(f"{path}: {len(trials)} trials, {line.removeprefix('total: ')}" + (f"\n  {fuse}" if fuse else ""))
+    print(f"total of {len(args.sweeps)} sweeps: {total:,.1f} {kind}-hours (a trial shared by two sweeps "
+          f"counts in each; reuse trains it once)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

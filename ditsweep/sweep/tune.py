@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ditsweep.config import Sweep, TrialConfig
 from ditsweep.sweep.failure_summary import trial_status
+from ditsweep.sweep.groups import MEMBERS, fuse_groups, fusion_summary, group_name, tune_entry
 
 
 def storage_path(sweep: Sweep) -> str:
@@ -38,6 +39,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
         plan_trials,
         run_result,
     )
+    from ditsweep.train.group_trainable import train_group
     from ditsweep.train.trainable import train_trial
 
     first = trials[0]
@@ -71,11 +73,16 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
         ray.init(address=address, include_dashboard=None if address != "local" else False,
                  log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
 
-    trainable = tune.with_resources(train_trial, {"cpu": sweep.resources.cpus_per_trial,
-                                                  "gpu": sweep.resources.gpus_per_trial})
     # One path for new and continued sweeps: a trial finds its checkpoints by its identity.
-    configs = [t.model_copy(update={"parent_run_id": parent_run_id, "storage": storage}).model_dump()
-               for t in to_train]
+    to_train = [t.model_copy(update={"parent_run_id": parent_run_id, "storage": storage}) for t in to_train]
+    groups = fuse_groups(to_train, fuse_k(sweep, to_train))  # ditsweep/sweep/groups.py; [[t]...] unfused
+    if fusion_summary(groups):
+        print(fusion_summary(groups), file=sys.stderr)
+    configs = [tune_entry(g) for g in groups]
+    # a sweep with fused groups runs them (and its single trials) through train_group
+    trainable = tune.with_resources(train_group if len(groups) < len(to_train) else train_trial,
+                                    {"cpu": sweep.resources.cpus_per_trial,
+                                     "gpu": sweep.resources.gpus_per_trial})
     from ditsweep.sweep.progress import SweepProgress
     progress = SweepProgress({t.trial: t.train.steps for t in to_train})
     tuner = _tuner(sweep, storage, trainable, configs, progress, verbose) if configs else None
@@ -89,12 +96,32 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
         results.update(finish_reused(pending))
     finally:
         stop_pool(pool)
+    steps = {t.trial: t.train.steps for t in to_train}
     for result in grid:
         name = result.path.rstrip("/").rsplit("/", 1)[-1]  # trial dirs are named after trials
-        status, reason = trial_status(result.metrics, result.error)  # ditsweep/sweep/failure_summary.py
-        results[name] = {**(result.metrics or {}), "status": status, "reason": reason}
+        for member, metrics in _members(name, result.metrics or {}, groups).items():
+            status, reason = trial_status(metrics, result.error, steps[member])  # ditsweep/sweep/failure_summary.py
+            results[member] = {**metrics, "status": status, "reason": reason}
     results.update(link_duplicates(plans, parent_run_id))
     return _end_sweep(first, parent_run_id, results)
+
+
+def _members(name: str, metrics: dict, groups: list[list[TrialConfig]]) -> dict[str, dict]:
+    """{trial: its final metrics} of one Tune trial: itself, or each member of a fused group (a
+    member with no final entry stopped with the group, whose error then is its status)."""
+    if MEMBERS not in metrics:
+        return {name: metrics}
+    members = next(g for g in groups if group_name(g) == name)
+    return {m.trial: metrics[MEMBERS].get(m.trial, {"step": metrics.get("step")}) for m in members}
+
+
+def fuse_k(sweep: Sweep, trials: list[TrialConfig]) -> int:
+    """resources.fuse as a number: "auto" takes the k with the most measured trial-steps/s for
+    these trials in the calibration file of resources.gpu (1 without one)."""
+    if sweep.resources.fuse != "auto":
+        return sweep.resources.fuse
+    from ditsweep.sweep.estimate import choose_fuse
+    return choose_fuse(sweep.resources, None, trials)
 
 
 def _tuner(sweep: Sweep, storage: str, trainable, configs: list[dict], progress, verbose: bool):

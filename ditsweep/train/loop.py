@@ -35,6 +35,33 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+def build_trial_model(cfg: TrialConfig, device: torch.device,
+                      pca: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The trial's model, initialised from its seed exactly as every run of the trial does, and
+    the MLflow tags that say which local attention kernel it uses (and why, after a fallback)."""
+    tags: dict[str, str] = {}
+    kernel, note = choose_local_kernel(cfg.train.attention_backend, device.type, cfg.train.precision,
+                                       device.type == "cuda" and has_libnatten())
+    if has_local_blocks(cfg.layout):
+        if note:  # once per trial: the trial's log and an MLflow tag
+            log.warning("trial %s: %s", cfg.trial, note)
+            tags["ditsweep.attention_fallback"] = note
+        tags["ditsweep.local_attention_kernel"] = kernel
+    else:  # all-global or a UNet: no neighborhood blocks, so no kernel to choose
+        kernel = "torch"
+    torch.manual_seed(cfg.seed)  # model initialisation
+    model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
+                        layout=None if cfg.arch != "dit" else cfg.layout,
+                        weight_sharing=cfg.variant == "weight-sharing",
+                        attention_backend=kernel,
+                        pca_attention=None if pca is None else tuple(pca.shape[:2])).to(device)
+    if pca is not None:
+        set_pca_components(model, pca)
+    if kernel == "flex" and hasattr(model, "grid"):
+        prepare_flex(model, model.grid, device)  # masks built before compile
+    return model, tags
+
+
 class Trainer:
     def __init__(self, cfg: TrialConfig, train_images: torch.Tensor | None,
                  device: torch.device | None = None, pca: torch.Tensor | None = None):
@@ -44,26 +71,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device or pick_device(cfg.resources.gpus_per_trial)
         self.precision = cfg.train.precision
-        self.tags: dict[str, str] = {}  # for the trial's MLflow run; see pop_tags
-        kernel, note = choose_local_kernel(cfg.train.attention_backend, self.device.type, self.precision,
-                                           self.device.type == "cuda" and has_libnatten())
-        if has_local_blocks(cfg.layout):
-            if note:  # once per trial: the trial's log and an MLflow tag
-                log.warning("trial %s: %s", cfg.trial, note)
-                self.tags["ditsweep.attention_fallback"] = note
-            self.tags["ditsweep.local_attention_kernel"] = kernel
-        else:  # all-global or a UNet: no neighborhood blocks, so no kernel to choose
-            kernel = "torch"
-        torch.manual_seed(cfg.seed)  # model initialisation
-        self.model = build_model(cfg.model, image_size=cfg.data.resolution, in_channels=3,
-                                 layout=None if cfg.arch != "dit" else cfg.layout,
-                                 weight_sharing=cfg.variant == "weight-sharing",
-                                 attention_backend=kernel,
-                                 pca_attention=None if pca is None else tuple(pca.shape[:2])).to(self.device)
-        if pca is not None:
-            set_pca_components(self.model, pca)
-        if kernel == "flex" and hasattr(self.model, "grid"):
-            prepare_flex(self.model, self.model.grid, self.device)  # masks built before compile
+        self.model, self.tags = build_trial_model(cfg, self.device, pca)  # tags: see pop_tags
         # EMA starts as an exact copy and is updated after every step (as the reference DiT).
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._ema_params, self._params = list(self.ema.parameters()), list(self.model.parameters())

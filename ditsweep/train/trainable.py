@@ -34,8 +34,8 @@ from ditsweep.train.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY,
 from ditsweep.train.loop import Trainer
 
 log = logging.getLogger(__name__)
-FLUSH_SECONDS = 20.0
-TRIAL_KEY = "trial_config"  # the one key of a Tune config: a TrialConfig dumped to a dict  # how often buffered loss values go to MLflow between checkpoints
+FLUSH_SECONDS = 20.0  # how often buffered loss values go to MLflow between checkpoints
+TRIAL_KEY = "trial_config"  # the one key of a Tune config: a TrialConfig dumped to a dict
 
 
 def trial_params(cfg: TrialConfig) -> dict:
@@ -91,16 +91,16 @@ def train_trial(config: dict) -> None:
         last = attempt.get("number", 1) > max_failures  # Tune will not restart this attempt
         if failure.transient and not last:
             note = f"attempt {attempt.get('number')} at step {step}: {failure.reason}"
-            _record(run, {NOTE_TAG: (f"{failure.note}; " if failure.note else "") + note})
+            record(run, {NOTE_TAG: (f"{failure.note}; " if failure.note else "") + note})
             raise
-        _record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
+        record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
         if failure.transient:
             raise  # retries used up: Tune marks the trial ERROR
         log.error("trial failed (%s, not retried): %s", failure.kind, failure.reason)
         tune.report({"step": step, RESULT_KEY: failure.reason, "ditsweep_failure_kind": failure.kind})
 
 
-def _record(run: TrialRun | None, tags: dict, status: str | None = None) -> None:
+def record(run: TrialRun | None, tags: dict, status: str | None = None) -> None:
     """Tags (and the end status) of a failed attempt; MLflow trouble must not hide the failure."""
     if run is None:
         return
@@ -112,15 +112,18 @@ def _record(run: TrialRun | None, tags: dict, status: str | None = None) -> None
         log.error("could not record the failure in MLflow: %s: %s", type(e).__name__, e)
 
 
+def open_run(cfg: TrialConfig) -> TrialRun:
+    """The trial's MLflow run: found again by its tag on a resume, else created."""
+    return TrialRun(cfg.tracking_uri, cfg.experiment, cfg.parent_run_id, cfg.trial, trial_params(cfg),
+                    tags={"ditsweep.sweep": cfg.sweep,
+                          **trial_tags(cfg.model, cfg.arch, cfg.layout, cfg.layout_name, cfg.n_train,
+                                       cfg.dataset, cfg.variant), **identity_tags(cfg)})
+
+
 def _train_trial(config: dict, attempt: dict) -> None:
     cfg = TrialConfig.model_validate(config[TRIAL_KEY])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
-    # The run first, so that a data or model error is recorded in it.
-    run = TrialRun(cfg.tracking_uri, cfg.experiment, cfg.parent_run_id, cfg.trial,
-                   trial_params(cfg),
-                   tags={"ditsweep.sweep": cfg.sweep,
-                         **trial_tags(cfg.model, cfg.arch, cfg.layout, cfg.layout_name, cfg.n_train,
-                                      cfg.dataset, cfg.variant), **identity_tags(cfg)})
+    run = open_run(cfg)  # first, so that a data or model error is recorded in it
     attempt.update(run=run, number=count_attempt(run))
     linked = twin_to_link(cfg, run, has_checkpoint=tune.get_checkpoint() is not None)
     if linked is not None:  # another sweep trained this identity: this run now links to it
@@ -133,7 +136,7 @@ def _train_trial(config: dict, attempt: dict) -> None:
         train_u8, _ = load_split(cfg.dataset, cfg.data.resolution, cfg.n_train, 0)
         trainer = Trainer(cfg, to_model_range(train_u8), pca=pca)
     attempt["trainer"] = trainer
-    evaluator = _evaluator(cfg, run)
+    evaluator = evaluator_for(cfg, run)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -160,8 +163,8 @@ def _train_trial(config: dict, attempt: dict) -> None:
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics["loss"] = trainer.read_loss()  # mean since the last read
                 run.log_metrics({"loss": metrics["loss"]}, step)
-                if step % cfg.train.checkpoint_every or step == cfg.train.steps:
-                    tune.report(metrics)  # for the progress view; checkpoints report below
+                if step % cfg.train.checkpoint_every and step < cfg.train.steps:
+                    tune.report(metrics)  # for the progress view; checkpoints and the end report below
             if evaluator and step < cfg.train.steps:
                 evaluator.submit(trainer.eval_model(), step)  # if any metric is due; returns at once
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
@@ -176,13 +179,16 @@ def _train_trial(config: dict, attempt: dict) -> None:
         raise
 
     metrics = {"step": trainer.step, "loss": metrics.get("loss", float("nan"))}
-    metrics.update(_evaluate(evaluator, trainer))
+    submitted = evaluator.submit(trainer.eval_model(), trainer.step, final=True) if evaluator else False
+    if submitted:  # the progress view shows the trial evaluating, its final job queued
+        tune.report(metrics)
+    metrics.update(_evaluate(evaluator, trainer, submitted))
     _save_final(cfg, trainer, run)  # under the identity, before the run says FINISHED
     run.finish("FINISHED")
     _report(trainer, run, metrics)
 
 
-def _evaluator(cfg: TrialConfig, run: TrialRun) -> Evaluator | None:
+def evaluator_for(cfg: TrialConfig, run: TrialRun) -> Evaluator | None:
     """The trial's handle on the sweep's evaluation pool (None if no metric is enabled). The
     trial's pid and host go into the run, next to the evaluator's, to show where each ran."""
     run.set_tags({"ditsweep.trial_pid": str(os.getpid()), "ditsweep.trial_host": socket.gethostname()})
@@ -191,12 +197,12 @@ def _evaluator(cfg: TrialConfig, run: TrialRun) -> Evaluator | None:
     return Evaluator(cfg, run.run_id)
 
 
-def _evaluate(evaluator: Evaluator | None, trainer: Trainer) -> dict:
-    """Submit the final evaluation and wait for all of this trial's jobs (the pool logs their
-    values to MLflow); returns the final values for Tune, e.g. psnr_gap_mean and fid."""
+def _evaluate(evaluator: Evaluator | None, trainer: Trainer, submitted: bool) -> dict:
+    """Wait for all of this trial's jobs, the final one `submitted` (the pool logs their values
+    to MLflow); returns the final values for Tune, e.g. psnr_gap_mean and fid."""
     if evaluator is None:
         return {}
-    result = evaluator.finish(trainer.eval_model(), trainer.step)
+    result = evaluator.wait(trainer.step, submitted)
     if result is None:
         return {}
     if result.failures:
