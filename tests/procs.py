@@ -81,23 +81,3 @@ def stop(proc: subprocess.Popen, sig: int = 15) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-
-
-def stop_ray_head(ray_tmp: Path) -> None:
-    """Stop a Ray head started with `ray start --head --temp-dir RAY_TMP` by killing the processes
-    whose command line names that temp dir: they are this head's alone. Never `ray stop`, which
-    stops every Ray on the machine (other tests run beside this one)."""
-    import shutil
-    import signal
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(ray_tmp).encode() in cmd and entry.stat().st_uid == os.getuid():
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    shutil.rmtree(ray_tmp, ignore_errors=True)

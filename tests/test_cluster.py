@@ -1,7 +1,7 @@
-"""A sweep on a multi-node Ray cluster on loopback (tests/cluster.py), submitted as the README
-says (`ray job submit --working-dir .`), with data, Tune storage, identity checkpoints and
-MLflow artifacts in S3, survives a worker node killed mid-trial and a whole lost Ray cluster
-(a RayJob retry: new cluster, same job)."""
+"""A sweep on a multi-node Ray cluster on loopback (tests/cluster.py), checked by hand with
+`--check` and submitted as the README says (`ray job submit --working-dir .`), with data, Tune
+storage, identity checkpoints and MLflow artifacts in S3, survives a worker node killed
+mid-trial and a whole lost Ray cluster (a RayJob retry: new cluster, same job)."""
 
 import json
 import shutil
@@ -86,6 +86,15 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_a_lost_cluster():
                 assert not seen(c.client_dir / "sweep.yaml").exists()
                 assert not seen(c.base / "head" / "ray").exists()  # the head's disk: hidden
 
+        # The pre-flight by hand from "the laptop", against this head (RAY_ADDRESS): it joins the
+        # cluster (no local Ray) and passes; under `ray job submit` it also runs by itself.
+        check = subprocess.run([sys.executable, "-m", "ditsweep.run", "sweep.yaml", "--check"],
+                               cwd=c.client_dir, env={**c.env, "RAY_ADDRESS": c.head_address},
+                               capture_output=True, text=True, timeout=300)
+        assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+        assert "preflight passed" in check.stdout and "versions" in check.stdout, check.stdout
+        assert f":{c.gcs_port}" in check.stderr and "Started a local Ray instance" not in check.stderr
+
         # 1-3. The sweep through `ray job submit`; the first trial's node is killed mid-trial.
         client = MlflowClient(c.tracking_uri)
         submit = c.submit(["python", "-m", "ditsweep.run", "sweep.yaml"], no_wait=True,
@@ -131,6 +140,7 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_a_lost_cluster():
         assert rerun.returncode == 0, out[-4000:]
         assert "preflight passed" in out and "2/2 trials finished" in out, out[-3000:]
         assert "1 already finished in this sweep; 1 to train" in out, out[-3000:]
+        assert "succeeded" in out, out[-3000:]  # the job's own status, as `ray job submit` prints it
         second_job = time.monotonic() - lost_at
 
         # MLflow: one sweep run, one run per trial, each with every loss step once, in order.

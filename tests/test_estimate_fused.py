@@ -26,16 +26,7 @@ def calibration(tmp_path, fused: dict[int, float]) -> Calibration:
     return Calibration.load(path)
 
 
-def auto(resources):
-    """resources with fuse "auto", set past validation: Resources' `Field(1, ge=1)` on
-    `int | Literal["auto"]` refuses "auto" (TypeError) until the lead's schema fix lands."""
-    return resources.model_copy(update={"fuse": "auto"})
-
-
 def sweep_with(n_trials: int = 4, **resources):
-    fuse_auto = resources.get("fuse") == "auto"
-    if fuse_auto:
-        resources["fuse"] = 1
     raw = tiny_sweep(train__steps=3600, resources={"cpus_per_trial": 1, "gpus_per_trial": 1, "gpu": GPU,
                                                    **resources})
     raw["grid"]["n_train"] = [8, 9, 10, 11, 12, 13, 14, 15][:n_trials]
@@ -43,8 +34,6 @@ def sweep_with(n_trials: int = 4, **resources):
                    "attention": {"enabled": False}}
     raw["train"]["precision"] = "fp32"
     sweep = Sweep.model_validate(raw)
-    if fuse_auto:
-        sweep = sweep.model_copy(update={"resources": auto(sweep.resources)})
     return sweep, expand(sweep)
 
 
@@ -86,19 +75,24 @@ def test_dry_run_prices_groups_at_their_measured_trial_steps(tmp_path, monkeypat
 
 def test_auto_picks_the_k_with_the_most_trial_steps(tmp_path, monkeypatch):
     from ditsweep.config.schema import Resources
-    from ditsweep.sweep.estimate import choose_fuse, plan_summary
+    from ditsweep.sweep.estimate import choose_fuse, fuse_size, plan_summary
     # trial-steps/s: k=1 2.0, k=2 3.0, k=4 3.2, k=8 2.4 (memory-bound): 4 wins
     cal = calibration(tmp_path, {2: 1.5, 4: 0.8, 8: 0.3})
     sweep, trials = sweep_with(fuse="auto")
     assert choose_fuse(sweep.resources, cal, trials) == 4
     assert choose_fuse(sweep.resources, cal) == 4  # from the fused rows' own settings
     assert choose_fuse(Resources(fuse=3), cal) == 3  # a number is kept as it is
-    assert choose_fuse(auto(Resources(gpu="Nobody's GPU"))) == 1  # no calibration file
+    assert choose_fuse(Resources(gpu="Nobody's GPU", fuse="auto")) == 1  # no calibration file
     # trials at a setting no fused row measured (bf16): no k is proven faster, so 1
     bf16 = [t.model_copy(update={"train": t.train.model_copy(update={"precision": "bf16"})}) for t in trials]
     assert choose_fuse(sweep.resources, cal, bf16) == 1
     monkeypatch.setenv("DITSWEEP_CALIBRATION_DIR", str(tmp_path))
     assert "fuse: k = 4 (auto: the best measured trial-steps/s in test-gpu-9000.json)" in plan_summary(sweep, trials)
+    # the driver groups by the same k (fuse_size); a CPU sweep's auto is 1: no CPU row is fused
+    assert fuse_size(sweep, trials) == 4
+    cpu = sweep.model_copy(update={"resources": sweep.resources.model_copy(update={"gpus_per_trial": 0})})
+    assert fuse_size(cpu, trials) == 1
+    assert fuse_size(sweep_with(fuse=3)[0], trials) == 3
 
 
 def test_estimate_prints_several_sweeps_and_their_total(capsys, monkeypatch):
@@ -116,6 +110,9 @@ def test_estimate_prints_several_sweeps_and_their_total(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "fuse 3, 4 not measured for 72 of them in nvidia-h200.json: priced as trained alone" in out
     assert "1,841.5 GPU-hours" in out  # the same as unfused: nothing was assumed faster
+    with pytest.raises(SystemExit) as bad:  # a bad --fuse names the option and the value
+        main(paper[:1] + ["--fuse", "four"])
+    assert bad.value.code == 2 and "--fuse: 'four' is neither a positive whole number nor auto" in capsys.readouterr().err
 
 
 def test_drift_verdict_compares_bf16_with_the_seed_spread():

@@ -150,8 +150,9 @@ def test_the_progress_view_shows_a_final_evaluation_as_soon_as_it_is_queued(tmp_
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pool = start_pool(sweep, local=True)
+        log = io.StringIO()  # not a terminal: the view prints a line per status change
         view = progress_module.SweepProgress({cfg.trial: cfg.train.steps}, pool=pool,
-                                             console=Console(file=io.StringIO(), force_terminal=False))
+                                             console=Console(file=log, force_terminal=False))
         view.setup()
         trial = Trial("ditsweep", stub=True, config={"trial_config": {"trial": cfg.trial}})
         view.on_trial_start(0, [trial], trial)
@@ -170,7 +171,24 @@ def test_the_progress_view_shows_a_final_evaluation_as_soon_as_it_is_queued(tmp_
         jobs = view.views[cfg.trial].jobs
         assert sum(jobs.get(k, 0) for k in ("queued", "running", "done")) == 1, jobs
         assert shown < 2.0, f"the final job showed after {shown:.1f} s"
+
+        def line(status: str) -> str:
+            """The log's line of `status`, once the view has printed it (it waits for the pool)."""
+            since = time.monotonic()
+            while time.monotonic() - since < 30:
+                view.on_step_end(0, [trial])
+                found = [s for s in log.getvalue().splitlines() if f": {status}, " in s]
+                if found:
+                    assert len(found) == 1, found
+                    return found[0]
+                time.sleep(0.02)
+            raise AssertionError(f"no {status} line in {log.getvalue()!r}")
+        # The evaluating line shows the final job queued or running (or done), never "-".
+        assert re.search(r"evaluating, .* evals queued/running/done [01]/[01]/[01]$", line("evaluating"))
         assert ray.get(ref, timeout=120).failures == {}
+        trial.run_metadata.last_result = {"step": cfg.train.steps, "loss": 0.1, "mlflow_run_id": run.run_id}
+        view.on_trial_result(0, [trial], trial, trial.last_result)
+        assert line("done").endswith("evals queued/running/done 0/0/1")  # the job counted done
         stop_pool(pool)
     finally:
         ray.shutdown()

@@ -8,9 +8,9 @@ import os
 import signal
 
 import pytest
-from conftest import PYTHON, tiny_sweep, write_sweep
+from conftest import tiny_sweep, write_sweep
 from procs import descendants, wait_for
-from test_fault_tolerance import ENV, assert_clean_history, start, trial_runs
+from test_fault_tolerance import assert_clean_history, start, trial_runs
 
 from ditsweep.eval.fid import write_random_inception_weights
 

@@ -1,5 +1,5 @@
 """Pre-flight (`python -m ditsweep.run SWEEP.yaml --check`): passes on a local Ray (and on a head
-started with `ray start --head`: tests/test_job_submit.py); exits 2 with one clear line per
+of several `ray start` nodes: tests/test_cluster.py); exits 2 with one clear line per
 problem when the tracking server is down, a manifest is missing, the working directory is too
 big to submit, or a cluster of several nodes is given local paths."""
 

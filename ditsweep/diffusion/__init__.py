@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from ditsweep.diffusion.gaussian import GaussianDiffusion, Model, linear_beta_schedule
+from ditsweep.diffusion.gaussian import GaussianDiffusion, Model, StepNoise, linear_beta_schedule
 from ditsweep.diffusion.respace import OriginalTimesteps, SpacedDiffusion, space_timesteps
 
 SAMPLING_STEPS = 250  # the paper samples with 250 respaced steps
@@ -39,10 +39,12 @@ def _cached_diffusion(timestep_respacing: str | int | None, diffusion_steps: int
 
 def sample(model: Model, shape: tuple[int, ...], num_steps: int = SAMPLING_STEPS,
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           device: torch.device | str | None = None, diffusion_steps: int = 1000) -> torch.Tensor:
+           device: torch.device | str | None = None, diffusion_steps: int = 1000,
+           step_noise: StepNoise | None = None) -> torch.Tensor:
     """Ancestral sampling with `num_steps` respaced steps; see GaussianDiffusion.p_sample_loop."""
     diffusion = _cached_diffusion(num_steps, diffusion_steps)
-    return diffusion.p_sample_loop(model, shape, noise=noise, generator=generator, device=device)
+    return diffusion.p_sample_loop(model, shape, noise=noise, generator=generator, device=device,
+                                   step_noise=step_noise)
 
 
 def predict_x0_one_step(model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,

@@ -18,6 +18,7 @@ import torch
 from ditsweep.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepNoise = Callable[[], torch.Tensor]  # one sampler step's noise
 
 
 def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
@@ -137,21 +138,24 @@ class GaussianDiffusion:
                 "pred_xstart": pred_xstart}
 
     def p_sample(self, model: Model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, step_noise: StepNoise | None = None) -> torch.Tensor:
         """One ancestral step: x_{t-1} ~ p(x_{t-1} | x_t)."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
-        noise = _randn(x.shape, generator, x.device)
+        noise = step_noise() if step_noise else _randn(x.shape, generator, x.device)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
     @torch.no_grad()
     def p_sample_loop(self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                      clip_denoised: bool = True, progress: bool = False) -> torch.Tensor:
+                      clip_denoised: bool = True, progress: bool = False,
+                      step_noise: StepNoise | None = None) -> torch.Tensor:
         """Ancestral sampling from x_T ~ N(0, I) (or `noise`) through every step of this process.
 
         All randomness comes from `generator` when given, so a seeded generator gives the same
-        samples. Images live in [-1, 1], so x_0 predictions are clipped to it by default.
+        samples; `step_noise()` instead draws each step's noise (shaped like x, on its device),
+        e.g. several models sampled as one batch, each part from its own generator. Images live
+        in [-1, 1], so x_0 predictions are clipped to it by default.
         """
         if device is None:
             device = noise.device if noise is not None else torch.device("cpu")
@@ -163,7 +167,8 @@ class GaussianDiffusion:
             indices = tqdm(indices)
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            x = self.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator)
+            x = self.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator,
+                              step_noise=step_noise)
         return x
 
     # ---- training --------------------------------------------------------------------------

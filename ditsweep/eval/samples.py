@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditsweep.diffusion import create_diffusion, sample
+from ditsweep.diffusion import sample
 from ditsweep.models.fused import fuse
 
 
@@ -60,21 +60,16 @@ def generate_fused(models: list[torch.nn.Module], num_images: int, image_shape: 
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    diffusion = create_diffusion(str(sampling_steps))
-    model = diffusion.wrap_model(net)  # respaced step -> original timestep, as `sample` does
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out: list[list[torch.Tensor]] = [[] for _ in range(k)]
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
-        shape = (n, *image_shape)
-        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)   # [k*n, C, H, W]
-        for i in reversed(range(diffusion.num_timesteps)):
-            t = torch.full((k * n,), i, dtype=torch.long, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                p = diffusion.p_mean_variance(model, x, t)
-            # member m's step noise from its own generator, as p_sample draws it for it alone
-            noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)
-            x = p["mean"] + (0.0 if i == 0 else 1.0) * torch.exp(0.5 * p["log_variance"]) * noise
+
+        def draw(n: int = n) -> torch.Tensor:  # [k*n, C, H, W]: each member's from its generator
+            return torch.cat([torch.randn((n, *image_shape), generator=g) for g in gens]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = sample(net, (k * n, *image_shape), num_steps=sampling_steps, noise=draw(),
+                       device=device, step_noise=draw)
         for m, chunk in enumerate(x.cpu().split(n)):
             out[m].append(chunk)
     net.train(was_training)

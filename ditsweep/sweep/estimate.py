@@ -154,12 +154,21 @@ def trial_gpu_hours(sweep: Sweep, trial: TrialConfig) -> float | None:
     return trial_cost(sweep, trial).total
 
 
+def fuse_size(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None = None) -> int:
+    """resources.fuse as the k the driver groups `trials` by: "auto" on a GPU sweep is
+    choose_fuse's pick; on a CPU sweep 1 (fused training is measured on GPUs only)."""
+    r = sweep.resources
+    if r.fuse != "auto" or not r.gpus_per_trial:
+        return 1 if r.fuse == "auto" else r.fuse
+    return choose_fuse(r, cal, trials)
+
+
 def fuse_plan(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None) -> tuple[dict[str, int], str | None]:
     """{trial: size of its fused group} for resources.fuse, and the console line saying how the
     trials will be grouped (None when the sweep does not fuse)."""
     from ditsweep.sweep.groups import fuse_groups, fusion_summary
     r = sweep.resources
-    k = choose_fuse(r, cal, trials) if r.gpus_per_trial or r.fuse != "auto" else 1
+    k = fuse_size(sweep, trials, cal)
     groups = fuse_groups(trials, k)
     sizes = {t.trial: len(g) for g in groups for t in g}
     if r.fuse == 1:
@@ -176,8 +185,22 @@ def fuse_plan(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None) 
     return sizes, f"fuse: k = {k} ({why}); " + (fusion_summary(groups) or "no trials fused")
 
 
+@dataclass
+class Plan:
+    """What plan_summary prints, and the numbers behind its total line."""
+    lines: list[str]
+    kind: str                  # "GPU" or "CPU": what the hours are hours of
+    total: float | None = None  # device-hours, None when a trial has no speed
+    fuse_line: str | None = None
+
+
 def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
     """Trial count, resources, and the compute the sweep will take, with every figure's source."""
+    return "\n".join(plan(sweep, trials).lines)
+
+
+def plan(sweep: Sweep, trials: list[TrialConfig]) -> Plan:
+    """plan_summary's lines and total (see there)."""
     r = sweep.resources
     kind = "GPU" if r.gpus_per_trial else "CPU"
     lines = [f"{len(trials)} trials x {sweep.train.steps} steps; per trial {r.cpus_per_trial:g} CPU, "
@@ -202,7 +225,7 @@ def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
     if missing:
         lines.append(f"no estimate for {len(missing)} trials (e.g. {missing[0]}): set "
                      f"resources.steps_per_second to the measured training speed")
-        return "\n".join(lines)
+        return Plan(lines, kind, None, fuse_line)
     groups: dict[float, list[int]] = defaultdict(list)  # trials of equal cost, printed once
     for i, c in enumerate(costs):
         groups[round(c.total, 4)].append(i)
@@ -237,7 +260,7 @@ def plan_summary(sweep: Sweep, trials: list[TrialConfig]) -> str:
     yaml = sum(1 for src in sources if src.startswith("from the sweep"))
     lines.append(f"figures: {measured} measured, {yaml} from the sweep file, "
                  f"{len(sources) - measured - yaml} assumed")
-    return "\n".join(lines)
+    return Plan(lines, kind, total, fuse_line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(path, check_data=False)
         res = {k: v for k, v in (("gpu", args.gpu), ("fuse", args.fuse)) if v is not None}
         if "fuse" in res and res["fuse"] != "auto":
+            if not res["fuse"].isdigit() or int(res["fuse"]) < 1:
+                p.error(f"--fuse: {res['fuse']!r} is neither a positive whole number nor auto")
             res["fuse"] = int(res["fuse"])
         train = {k: v for k, v in (("precision", args.precision),
                                    ("compile", None if args.compile is None else args.compile == "on"))
@@ -265,18 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         trials = [t.model_copy(update={"resources": sweep.resources,
                                        "train": t.train.model_copy(update=train)})
                   for t in expand(sweep, path, check_data=False)]
-        text = plan_summary(sweep, trials)
-        line = next((x for x in text.splitlines() if x.startswith("total: ")), None)
+        est = plan(sweep, trials)
+        text = "\n".join(est.lines)
         if args.verbose:
             print(f"== {path}\n{text}\n")
-        if line is None:
+        if est.total is None:
             print(f"{path}: no estimate\n{text}")
             return 1
-        hours = float(line.split()[1].replace(",", ""))
-        kind = line.split()[2].split("-")[0]
-        total += hours
-        fuse = next((x for x in text.splitlines() if x.startswith("fuse: ")), "")
-        print(f"{path}: {len(trials)} trials, {line.removeprefix('total: ')}" + (f"\n  {fuse}" if fuse else ""))
+        total, kind = total + est.total, est.kind
+        line = next(x for x in est.lines if x.startswith("total: "))  # the hours and their split
+        print(f"{path}: {len(trials)} trials, {line.removeprefix('total: ')}"
+              + (f"\n  {est.fuse_line}" if est.fuse_line else ""))
     print(f"total of {len(args.sweeps)} sweeps: {total:,.1f} {kind}-hours (a trial shared by two sweeps "
           f"counts in each; reuse trains it once)")
     return 0

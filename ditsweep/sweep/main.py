@@ -55,6 +55,29 @@ def where_results_are(sweep: Sweep, first: TrialConfig) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' chatter (MLflow's database migrations, Ray's start-up lines, Tune's
+    hints, deprecation warnings) out of the console unless --verbose: it hides the few lines a
+    researcher needs. Their errors still show."""
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        return
+    # MLflow sets its loggers' level when it is imported (later, and in every Ray worker).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Tune's newer console output prints an experiment header and a TensorBoard hint even at
+    # verbose=0; its classic reporter at verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow", "ray.tune", "ray.train", "ray.air", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditsweep.run", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="sweep YAML file, e.g. sweeps/smoke.yaml")
@@ -96,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.sweep}: {problem}", file=sys.stderr)
         if problems:
             return 2
-    from ditsweep.sweep.progress import quiet_libraries
     quiet_libraries(args.verbose)
     started = time.monotonic()
     results = run_sweep(sweep, trials, resume=args.resume, no_reuse=args.no_reuse, verbose=args.verbose)

@@ -38,6 +38,7 @@ POLL_SECONDS = 2.0       # how often the evaluation pool is asked for its job co
 FAST_POLL_SECONDS = 0.3  # ... while a trial waits for its final evaluation to show up
 REDRAW_SECONDS = 0.5     # the terminal view is redrawn at most this often (200 trials report a lot)
 MIN_REDRAW_SECONDS = 0.1  # ... or this often when a status changed
+LOG_HOLD_SECONDS = 5.0   # in a log, an evaluating/done line waits this long at most for the pool's counts
 RECENT_SECONDS = 60.0    # an ended trial stays in the table this long
 RATE_WINDOW_SECONDS = 60.0  # the sweep's throughput: trial-steps over this last stretch
 TABLE_LINES = 3          # the table's lines besides its rows: header, rule, caption
@@ -134,6 +135,9 @@ class SweepProgress(Callback):
         self._last_draw = -math.inf
         self._last_poll = -math.inf
         self._asked = None                     # the pool's status, on its way
+        self._asked_at = -math.inf
+        self._answered = -math.inf             # when the pool was asked for its last answer read
+        self._ending = False
         self._steps = 0                        # steps made by all trials, for the throughput
         self._history: deque = deque([(self.start, 0)])  # (time, _steps), one a second at most
 
@@ -188,6 +192,7 @@ class SweepProgress(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         self._poll_pool(force=True, wait=5.0)
         self._last_draw = -math.inf  # the last frame always shows
+        self._ending = True          # a log prints the lines still held for the pool's counts
         self._refresh(force=True)
         if self.live:  # the summary table that follows closes the log
             self.live.stop()
@@ -233,6 +238,7 @@ class SweepProgress(Callback):
             self._last_poll = now
             try:
                 self._asked = self.pool.status.remote()
+                self._asked_at = now
             except Exception:  # the pool is gone: show the last counts
                 return
         if self._asked is None:
@@ -242,7 +248,7 @@ class SweepProgress(Callback):
             if now - self._last_poll > 30:  # never answered: ask again later
                 self._asked = None
             return
-        self._asked = None
+        self._asked, self._answered = None, self._asked_at
         try:
             per_trial = ray.get(ready[0]).get("trials", {})
         except Exception:  # the pool is busy or gone: show the last counts
@@ -349,11 +355,26 @@ class SweepProgress(Callback):
             return
         # A log: a line per status change, the summary every log_seconds.
         for view in self.views.values():
-            if self._printed.get(view.name, "pending") != view.status:
+            if self._printed.get(view.name, "pending") != view.status and self._counted(view, now):
                 self._printed[view.name] = view.status
                 self._print(now, _log_line(view))
         if now - self._last_log >= self.log_seconds:
             self._log_summary(now)
+
+    def _counted(self, view: TrialView, now: float) -> bool:
+        """Whether a log line of the view's new status can show its evaluation jobs: a line is
+        printed once, so an `evaluating` line waits (LOG_HOLD_SECONDS at most) for a pool answer
+        asked after the change that shows the final job, a `done` line for any answer asked
+        after it. The trial queues its final job just before it reports its last step, so the
+        driver can ask the pool before the job has reached it."""
+        if self.pool is None or self._ending or view.status not in ("evaluating", "done"):
+            return True
+        if now - view.changed >= LOG_HOLD_SECONDS:
+            return True
+        if self._answered < view.changed:
+            self._poll_pool(force=True)
+            return False
+        return view.status == "done" or bool(view.jobs.get("queued") or view.jobs.get("running"))
 
     def _log_summary(self, now: float) -> None:
         self._last_log = now
@@ -382,26 +403,3 @@ def _duration(seconds: float | None) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Keep the libraries' chatter (MLflow's database migrations, Ray's start-up lines, Tune's
-    hints, deprecation warnings) out of the console unless --verbose: it hides the few lines a
-    researcher needs. Their errors still show."""
-    import logging
-    import os
-    import warnings
-
-    if verbose:
-        return
-    # MLflow sets its loggers' level when it is imported (later, and in every Ray worker).
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # Tune's newer console output prints an experiment header and a TensorBoard hint even at
-    # verbose=0; its classic reporter at verbose=0 prints nothing.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("alembic", "mlflow", "ray.tune", "ray.train", "ray.air", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*deprecated.*")

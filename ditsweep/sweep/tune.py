@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ditsweep.config import Sweep, TrialConfig
+from ditsweep.sweep.estimate import fuse_size
 from ditsweep.sweep.failure_summary import trial_status
 from ditsweep.sweep.groups import MEMBERS, fuse_groups, fusion_summary, group_name, tune_entry
 
@@ -75,7 +76,7 @@ def run_sweep(sweep: Sweep, trials: list[TrialConfig], resume: bool = False,
 
     # One path for new and continued sweeps: a trial finds its checkpoints by its identity.
     to_train = [t.model_copy(update={"parent_run_id": parent_run_id, "storage": storage}) for t in to_train]
-    groups = fuse_groups(to_train, fuse_k(sweep, to_train))  # ditsweep/sweep/groups.py; [[t]...] unfused
+    groups = fuse_groups(to_train, fuse_size(sweep, to_train))  # ditsweep/sweep/groups.py; [[t]...] unfused
     if fusion_summary(groups):
         print(fusion_summary(groups), file=sys.stderr)
     configs = [tune_entry(g) for g in groups]
@@ -113,15 +114,6 @@ def _members(name: str, metrics: dict, groups: list[list[TrialConfig]]) -> dict[
         return {name: metrics}
     members = next(g for g in groups if group_name(g) == name)
     return {m.trial: metrics[MEMBERS].get(m.trial, {"step": metrics.get("step")}) for m in members}
-
-
-def fuse_k(sweep: Sweep, trials: list[TrialConfig]) -> int:
-    """resources.fuse as a number: "auto" takes the k with the most measured trial-steps/s for
-    these trials in the calibration file of resources.gpu (1 without one)."""
-    if sweep.resources.fuse != "auto":
-        return sweep.resources.fuse
-    from ditsweep.sweep.estimate import choose_fuse
-    return choose_fuse(sweep.resources, None, trials)
 
 
 def _tuner(sweep: Sweep, storage: str, trainable, configs: list[dict], progress, verbose: bool):

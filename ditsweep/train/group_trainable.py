@@ -28,10 +28,10 @@ from ditsweep.data import load_split, to_model_range
 from ditsweep.eval.actors import submit_group
 from ditsweep.eval.jobs import metrics_due
 from ditsweep.train.continuity import beat, restore_from_storage, store_checkpoint, twin_to_link
-from ditsweep.train.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
+from ditsweep.train.failures import Failure, classify, count_attempt
 from ditsweep.train.fused import MEMBERS, FusedTrainer, Member
 from ditsweep.train.loop import TrainingDiverged
-from ditsweep.train.trainable import FLUSH_SECONDS, TRIAL_KEY, evaluator_for, open_run, record, train_trial
+from ditsweep.train.trainable import FLUSH_SECONDS, TRIAL_KEY, evaluator_for, open_run, record_failure, train_trial
 
 log = logging.getLogger(__name__)
 DONE_FILE = "group.json"
@@ -45,25 +45,17 @@ def train_group(config: dict) -> None:
     group = Group([TrialConfig.model_validate(m) for m in config[TRIAL_KEY][MEMBERS]])
     try:
         group.train()
-    except Exception as e:  # the whole group stopped: judged as a single trial's failure is
+    except Exception as e:  # the whole group stopped: each member judged as a single trial is
         failure = classify(e)
         max_failures = group.cfgs[0].resources.max_failures
-        last = group.attempt > max_failures
-        if failure.transient and not last:
-            for run, member in group.active():
-                record(run, {NOTE_TAG: f"attempt {group.attempt} at step {member.step}: {failure.reason}"})
-            raise
         for run, member in group.active():
-            record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
-            group.done[member.cfg.trial] = _failed(member.step, failure.reason, failure.kind)
+            final = record_failure(run, failure, member.step, group.attempt, max_failures)
+            if final is not None:
+                group.done[member.cfg.trial] = final
         if failure.transient:
             raise
         log.error("fused group failed (%s, not retried): %s", failure.kind, failure.reason)
         tune.report({"step": 0, MEMBERS: group.done})
-
-
-def _failed(step: int, reason: str, kind: str) -> dict:
-    return {"step": step, RESULT_KEY: reason, "ditsweep_failure_kind": kind}
 
 
 class Group:
@@ -131,8 +123,7 @@ class Group:
                 failure = classify(e)
                 if failure.transient:
                     raise
-                record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
-                self.done[cfg.trial] = _failed(0, failure.reason, failure.kind)
+                self.done[cfg.trial] = record_failure(run, failure, 0, self.attempt, cfg.resources.max_failures)
                 continue
             self.runs[cfg.trial], self.evaluators[cfg.trial] = run, evaluator
             cfgs.append(cfg)
@@ -154,7 +145,7 @@ class Group:
                         try:
                             loss = member.read_loss()
                         except TrainingDiverged as e:
-                            failed[cfg.trial] = str(e)
+                            failed[cfg.trial] = classify(e)
                             continue
                         run.log_metrics({"loss": loss}, step)
                         self.last[cfg.trial] = {"step": step, "loss": loss}
@@ -185,16 +176,16 @@ class Group:
                 run.flush()
             raise
 
-    def _drop_failed(self, failed: dict[str, str]) -> None:
+    def _drop_failed(self, failed: dict[str, Failure]) -> None:
         """Diverged members: recorded as deterministic failures, masked out of the group."""
         indices = []
         for run, member in self.active():
-            reason = failed.get(member.cfg.trial)
-            if reason:
-                log.error("trial %s failed (deterministic, not retried): %s", member.cfg.trial, reason)
+            failure = failed.get(member.cfg.trial)
+            if failure:
+                log.error("trial %s failed (deterministic, not retried): %s", member.cfg.trial, failure.reason)
                 run.flush()
-                record(run, {FAILURE_TAG: reason, KIND_TAG: "deterministic"}, status="FAILED")
-                self.done[member.cfg.trial] = _failed(member.step, reason, "deterministic")
+                self.done[member.cfg.trial] = record_failure(run, failure, member.step, self.attempt,
+                                                             member.cfg.resources.max_failures)
                 indices.append(self.trainer.index(member))
         self._drop(indices)
 

@@ -30,7 +30,8 @@ from ditsweep.train.continuity import (
     store_checkpoint,
     twin_to_link,
 )
-from ditsweep.train.failures import FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, classify, count_attempt
+from ditsweep.train.failures import (FAILURE_TAG, KIND_TAG, NOTE_TAG, RESULT_KEY, Failure, classify,
+                                      count_attempt)
 from ditsweep.train.loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -85,19 +86,29 @@ def train_trial(config: dict) -> None:
         _train_trial(config, attempt)
     except Exception as e:
         failure = classify(e)
-        run, trainer = attempt.get("run"), attempt.get("trainer")
-        step = trainer.step if trainer else 0
+        trainer = attempt.get("trainer")
         max_failures = config[TRIAL_KEY].get("resources", {}).get("max_failures", 0)
-        last = attempt.get("number", 1) > max_failures  # Tune will not restart this attempt
-        if failure.transient and not last:
-            note = f"attempt {attempt.get('number')} at step {step}: {failure.reason}"
-            record(run, {NOTE_TAG: (f"{failure.note}; " if failure.note else "") + note})
+        final = record_failure(attempt.get("run"), failure, trainer.step if trainer else 0,
+                               attempt.get("number", 1), max_failures)
+        if final is None:
             raise
-        record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
-        if failure.transient:
-            raise  # retries used up: Tune marks the trial ERROR
         log.error("trial failed (%s, not retried): %s", failure.kind, failure.reason)
-        tune.report({"step": step, RESULT_KEY: failure.reason, "ditsweep_failure_kind": failure.kind})
+        tune.report(final)
+
+
+def record_failure(run: TrialRun | None, failure: Failure, step: int, attempt: int,
+                   max_failures: int) -> dict | None:
+    """Record a trial's failure in its run as Tune will treat it. None: the caller re-raises
+    (transient: Tune restarts the trial from its checkpoint, or, its retries used up, marks it
+    ERROR). Otherwise the final result that ends the trial without a restart (deterministic)."""
+    if failure.transient and attempt <= max_failures:
+        note = f"attempt {attempt} at step {step}: {failure.reason}"
+        record(run, {NOTE_TAG: (f"{failure.note}; " if failure.note else "") + note})
+        return None
+    record(run, {FAILURE_TAG: failure.reason, KIND_TAG: failure.kind}, status="FAILED")
+    if failure.transient:
+        return None
+    return {"step": step, RESULT_KEY: failure.reason, "ditsweep_failure_kind": failure.kind}
 
 
 def record(run: TrialRun | None, tags: dict, status: str | None = None) -> None:
