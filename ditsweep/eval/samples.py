@@ -65,7 +65,7 @@ def generate_fused(models: list[torch.nn.Module], num_images: int, image_shape: 
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
 
-        def draw(n: int = n) -> torch.Tensor:  # [k*n, C, H, W]: each member's from its generator
+        def draw() -> torch.Tensor:  # [k*n, C, H, W]: each member's noise from its own generator
             return torch.cat([torch.randn((n, *image_shape), generator=g) for g in gens]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x = sample(net, (k * n, *image_shape), num_steps=sampling_steps, noise=draw(),

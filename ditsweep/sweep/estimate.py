@@ -17,6 +17,8 @@ import argparse
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from ditsweep.bench.calibration import Calibration, Figure, find_calibration
 from ditsweep.config import Sweep, TrialConfig, expand, load_sweep
 from ditsweep.config.schema import Resources
@@ -158,9 +160,9 @@ def fuse_size(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None =
     """resources.fuse as the k the driver groups `trials` by: "auto" on a GPU sweep is
     choose_fuse's pick; on a CPU sweep 1 (fused training is measured on GPUs only)."""
     r = sweep.resources
-    if r.fuse != "auto" or not r.gpus_per_trial:
-        return 1 if r.fuse == "auto" else r.fuse
-    return choose_fuse(r, cal, trials)
+    if r.fuse != "auto":
+        return r.fuse
+    return choose_fuse(r, cal, trials) if r.gpus_per_trial else 1
 
 
 def fuse_plan(sweep: Sweep, trials: list[TrialConfig], cal: Calibration | None) -> tuple[dict[str, int], str | None]:
@@ -278,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.sweeps:
         sweep = load_sweep(path, check_data=False)
         res = {k: v for k, v in (("gpu", args.gpu), ("fuse", args.fuse)) if v is not None}
-        if "fuse" in res and res["fuse"] != "auto":
-            if not res["fuse"].isdigit() or int(res["fuse"]) < 1:
-                p.error(f"--fuse: {res['fuse']!r} is neither a positive whole number nor auto")
-            res["fuse"] = int(res["fuse"])
+        try:  # the sweep file's own rules for these fields
+            resources = Resources.model_validate({**sweep.resources.model_dump(), **res})
+        except ValidationError:
+            p.error(f"--fuse: {args.fuse!r} is neither a positive whole number nor auto")
         train = {k: v for k, v in (("precision", args.precision),
                                    ("compile", None if args.compile is None else args.compile == "on"))
                  if v is not None}
-        sweep = sweep.model_copy(update={"resources": sweep.resources.model_copy(update=res),
+        sweep = sweep.model_copy(update={"resources": resources,
                                          "train": sweep.train.model_copy(update=train)})
         trials = [t.model_copy(update={"resources": sweep.resources,
                                        "train": t.train.model_copy(update=train)})

@@ -9,10 +9,12 @@ starts.
 """
 
 import argparse
+import logging
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ditsweep.config import SpecError, Sweep, TrialConfig, expand, load_sweep
@@ -59,10 +61,6 @@ def quiet_libraries(verbose: bool) -> None:
     """Keep the libraries' chatter (MLflow's database migrations, Ray's start-up lines, Tune's
     hints, deprecation warnings) out of the console unless --verbose: it hides the few lines a
     researcher needs. Their errors still show."""
-    import logging
-    import os
-    import warnings
-
     if verbose:
         return
     # MLflow sets its loggers' level when it is imported (later, and in every Ray worker).
