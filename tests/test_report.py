@@ -222,26 +222,71 @@ def test_table5_and_dagger_rows_beside_the_papers_runs(tmp_path):
         "agrees (sweep lower, paper lower than global)"
 
 
-def test_claims_of_a_small_sweep_count_the_agreeing_seeds(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    gaps = {("global", 10): [5.0, 6.0], ("local", 10): [4.0, 7.0], ("local-tail", 10): [6.0, 8.0],
-            ("global", 1000): [1.0, 1.0], ("local", 1000): [0.5, 0.6], ("local-tail", 1000): [0.4, 0.9]}
+def test_sign_test_interval_is_the_exact_binomial_interval_of_the_median():
+    from ditsweep.report.claims import sign_test_interval
+
+    six = sign_test_interval([0.3, -0.1, 0.2, 0.5, -0.4, 0.1])
+    # n=6: [d(1), d(6)] covers the median with 1 - 2/64 = 96.9%; [d(2), d(5)] only 78%
+    assert (six.low, six.high, six.median) == (-0.4, 0.5, pytest.approx(0.15))
+    assert six.confidence == pytest.approx(1 - 2 / 64)
+    twelve = sign_test_interval(range(12))   # n=12: P(Bin <= 2) = 79/4096, so [d(3), d(10)]
+    assert (twelve.low, twelve.high) == (2, 9) and twelve.confidence == pytest.approx(1 - 2 * 79 / 4096)
+    five = sign_test_interval([-1, -2, -3, -4, -5])  # 1 - 2/32 = 93.75% < 95%: no interval
+    assert five.confidence == 0 and (five.low, five.high) == (-math.inf, math.inf)
+
+
+def _replicated_trials() -> list[dict]:
+    """3 dataset shuffles x 2 seeds of global / local / local-tail at N=10 and N=1000, with three
+    planted effects: a clear one (local < global at N=10 in all six replicates), a reversed one
+    (local > local-tail at N=10 in all six) and a null one (local vs global at N=1000 and head vs
+    tail at N=1000: signs alternate)."""
     layouts = {"local-tail": "G,G,G,3,5,7", **LAYOUTS}
-    trials = [dict(trial=f"{c}_N{n}_s{s}", model="DiT-T/1", arch="dit", layout_name=c, layout=layouts[c],
-                   variant="standard", n_train=n, seed=s, dataset="builtin:photos", status="FINISHED",
-                   metrics={"psnr_gap_mean": g[s]})
-              for (c, n), g in gaps.items() for s in (0, 1)]
-    _log_sweep(uri, "claims", trials)
+    trials = []
+    for shuffle in (3, 4, 5):
+        for seed in (0, 1):
+            r = shuffle + seed / 10       # each replicate has its own level
+            wobble = (-1) ** (shuffle + seed) * 0.05
+            gaps = {("global", 10): 4.0 * r, ("local", 10): 3.0 * r, ("local-tail", 10): 2.0 * r,
+                    ("global", 1000): 0.10 * r, ("local", 1000): 0.10 * r * (1 + wobble),
+                    ("local-tail", 1000): 0.10 * r * (1 - wobble)}
+            for (c, n), gap in gaps.items():
+                trials.append(dict(trial=f"{c}_N{n}_d{shuffle}_s{seed}", model="DiT-T/1", arch="dit",
+                                   layout_name=c, layout=layouts[c], variant="standard", n_train=n,
+                                   seed=seed, dataset=f"builtin:photos?seed={shuffle}",
+                                   status="FINISHED", metrics={"psnr_gap_mean": gap}))
+    return trials
+
+
+def test_claims_have_intervals_over_replicates_and_verdicts_for_clear_reversed_and_null_effects(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_sweep(uri, "claims", _replicated_trials())
     out = tmp_path / "report"
     md = write_report("claims", uri, str(out), log_artifacts=False).read_text()
-    claims = pd.read_csv(out / "claims.csv").set_index("claim")
-    assert claims.loc["memorisation at tiny N", "agreeing"] == "6/6"
-    assert claims.loc["memorisation at tiny N", "verdict"] == "agrees"
-    assert claims.loc["local attention helps at small N", "agreeing"] == "1/2"   # seed 1: 7 > 6
-    assert claims.loc["local attention helps at small N", "verdict"] == "disagrees"
-    assert claims.loc["head better than tail", "agreeing"] == "3/4"              # N=1000 seed 0 not
-    assert claims.loc["head better than tail", "verdict"] == "agrees mostly"
-    assert "## The paper's claims this sweep can test" in md
+    claims = pd.read_csv(out / "claims.csv")
+    row = lambda claim, n: claims[(claims.claim == claim) & claims.compared.str.contains(f"N={n},")].iloc[0]  # noqa: E731
+    memo = claims[claims.claim == "memorisation at tiny N"].iloc[0]
+    assert (memo.pairs, memo.paper_side, memo.verdict) == (18, "18/18", "agrees")
+    clear = row("local attention helps at small N", 10)   # -25% in every replicate
+    assert (clear.pairs, clear["median"], clear.interval, clear.verdict) == (6, "-25.0%", "[-25.0%, -25.0%]", "agrees")
+    reversed_ = row("head better than tail", 10)           # local 3r vs tail 2r: +50%
+    assert (reversed_.paper_side, reversed_["median"], reversed_.verdict) == ("0/6", "+50.0%", "disagrees")
+    for claim in ("local attention helps at small N", "head better than tail"):
+        null = row(claim, 1000)                             # +-5% or +-10%, three of each sign
+        assert null.paper_side == "3/6" and null.verdict == "not resolved at this scale"
+        assert null.interval.startswith("[-") and ", +" in null.interval
+        assert null.confidence == "96.9%"
+    assert "## The paper's claims this sweep can test" in md and "sign-test" in md
+
+
+def test_claims_of_fewer_than_six_replicates_are_never_resolved():
+    from ditsweep.report.claims import claim_table
+
+    rows = [dict(model="DiT-T/1", variant="standard", dataset="photos", dataset_uri="builtin:photos",
+                 seed=s, config=c, n_train=10, psnr_gap_mean=g)
+            for s in range(5) for c, g in (("local", 1.0), ("global", 2.0))]
+    table = claim_table(pd.DataFrame(rows))
+    assert table.iloc[0].paper_side == "5/5"
+    assert table.iloc[0].verdict == "not resolved (too few replicates)"
 
 
 def test_eigenvectors_of_dit_and_unet_side_by_side(tmp_path):

@@ -12,7 +12,8 @@ planned (`trials.json`) and its child runs, and writes to DIR as Markdown (REPOR
   Table 5 (global, local, weight sharing, PCA attention) when it has those variants.
 - PSNR-gap bar charts in the manner of Figs. 6-8 and PSNR train/test curves as in Fig. 2.
 - The leading Jacobian eigenvectors of every model side by side (DiT vs UNet, Figs. 1 and 3).
-- For a small sweep, the paper's claims it can test and in how many seeds it agrees.
+- The paper's claims the sweep can test: the median paired relative difference over replicates
+  (dataset shuffle x seed), its exact sign-test interval and a verdict (claims.py).
 
 One file per job: runs.py reads MLflow, tables.py makes the tables, figures.py the figures,
 paper.py puts the paper's numbers beside them, claims.py tests the paper's claims.
@@ -37,7 +38,7 @@ from ditsweep.report.claims import claim_table
 from ditsweep.report.figures import curve_table, plot_curves, plot_eigenvectors_side_by_side, plot_gap_bars
 from ditsweep.report.paper import compare_with_paper, no_reference_match
 from ditsweep.report.runs import METRICS, SweepData, load_sweep
-from ditsweep.report.tables import TABLES, TableSpec, build_table, markdown, table_markdown
+from ditsweep.report.tables import TABLES, TableSpec, build_table, markdown, table_markdown, variant_configs
 from ditsweep.tracking.mlflow_runs import retrying
 
 __all__ = ["write_report", "main", "load_sweep"]
@@ -108,7 +109,8 @@ def _table_section(spec: TableSpec, data: SweepData, out: Path, fid_tables: dict
     pd.concat(longs).to_csv(out / f"{spec.key}.csv", index=False)
     gap = longs[-1]
     if (gap.row == "value").any() and data.trials.psnr_gap_mean.notna().any():
-        plot_gap_bars(spec, gap, out / f"{spec.key}_psnr_gap.png")
+        shown = variant_configs(data.trials) if spec.variant_rows else data.trials
+        plot_gap_bars(spec, gap, shown, out / f"{spec.key}_psnr_gap.png")
         parts.append(f"![{spec.key} PSNR gap]({spec.key}_psnr_gap.png)")
     return "\n\n".join(parts)
 
@@ -164,10 +166,13 @@ def _claims_section(data: SweepData, out: Path) -> str:
     if claims.empty:
         return ""
     claims.to_csv(out / "claims.csv", index=False)
-    seeds = data.trials.groupby(["model", "config", "dataset", "n_train"]).seed.nunique().max()
     return ("## The paper's claims this sweep can test\n\n"
-            f"Mean PSNR gap per trial, compared within the same model, dataset and seed (up to "
-            f"{seeds} seeds per cell); `agreeing` counts the comparisons that go the paper's way.\n\n"
+            "Mean PSNR gap per trial, paired within a replicate (same model, dataset shuffle and "
+            "seed). `median`: the median paired relative difference (a - b) / b over the `pairs`; "
+            "negative is the paper's direction, `paper_side` counts the pairs on it. `interval`: "
+            "the exact sign-test interval of that median (coverage in `confidence`, at least 95%). "
+            "The verdict says `agrees` or `disagrees` only when the interval excludes zero; with "
+            "fewer than 6 pairs no interval reaches 95%, so nothing is resolved.\n\n"
             + markdown(claims))
 
 

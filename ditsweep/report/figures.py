@@ -14,10 +14,12 @@ from ditsweep.report.runs import CELL_KEYS  # noqa: E402
 from ditsweep.report.tables import TableSpec, count_reasons  # noqa: E402
 
 
-def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
+def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
     """PSNR-gap bars in the manner of Figs. 6-8: one panel per model and dataset, bars per
-    configuration grouped by N, ± std error bars, hatched baseline; a missing cell is labelled
-    with its reason instead of being drawn as a bar of height 0."""
+    configuration grouped by N, ± std error bars and one dot per trial (seed and shuffle), so
+    the spread behind each mean shows; hatched baseline; a missing cell is labelled with its
+    reason instead of being drawn as a bar of height 0. `trials`: the trials the table was made
+    from (their `config` as the table's)."""
     values = table[table.row == "value"]
     panels = list(dict.fromkeys(zip(values.model, values.variant, values.dataset)))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.5 * len(panels)), 4), squeeze=False)
@@ -39,6 +41,11 @@ def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
                 ax.bar(x, cell["mean"], width, color=f"C{i}", hatch="//" if config in baselines else None,
                        edgecolor="black", linewidth=0.5, label=cell.label if j == 0 else None,
                        yerr=None if math.isnan(cell["std"]) else cell["std"], capsize=3)
+                runs = trials[(trials.model == model) & (trials.variant == variant)
+                              & (trials.dataset == dataset) & (trials.config == config)
+                              & (trials.n_train == n)].psnr_gap_mean.dropna()
+                ax.scatter([x] * len(runs), runs, s=9, color="black", zorder=3,
+                           label="one trial" if i == j == 0 and len(runs) else None)
         ax.set_xticks(range(len(ns)), [f"N={n}" for n in ns])
         ax.set_xlim(-0.5, len(ns) - 0.5)  # keep the reason labels of missing bars inside
         ax.set_title(f"{model}{'' if variant == 'standard' else f' [{variant}]'} — {dataset}", fontsize=9)
@@ -46,7 +53,8 @@ def plot_gap_bars(spec: TableSpec, table: pd.DataFrame, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     most = int(values.n.max()) if len(values) else 0
-    spread = "one run per bar" if most <= 1 else f"mean ± std over up to {most} seeds/shuffles"
+    spread = ("one run per bar" if most <= 1
+              else f"mean ± std over up to {most} seeds/shuffles, dots: single trials")
     fig.suptitle(f"{spec.title}\nPSNR gap ↓, {spread}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
