@@ -24,6 +24,23 @@ def test_shipped_sweeps_are_valid():
         assert expand(sweep, path), path
 
 
+def test_laptop_reproduction_is_replicated_and_its_windows_are_local():
+    """Every cell of sweeps/cpu_repro.yaml has >= 3 shuffles x 2 seeds (6 replicates: the fewest
+    the claims' sign-test interval needs for 95%), and its largest window covers at most a fifth
+    of the token grid (the paper's 13x13 on 32x32: 16.5%)."""
+    trials = expand(load_sweep(REPO / "sweeps/cpu_repro.yaml"))
+    cells = {}
+    for t in trials:
+        cells.setdefault((t.layout_name, t.n_train), set()).add((t.dataset, t.seed))
+    assert {("global", 10), ("local", 10), ("local-tail", 10), ("global", 1000)} <= set(cells)
+    for cell, replicates in cells.items():
+        assert len({d for d, _ in replicates}) >= 3 and len({s for _, s in replicates}) >= 2, cell
+        assert len(replicates) >= 6, cell
+    grid = trials[0].data.resolution  # patch 1: one token per pixel
+    windows = {int(w) for t in trials for w in t.layout.split(",") if w != "G"}
+    assert max(windows) ** 2 / grid ** 2 <= 0.20, (windows, grid)
+
+
 def test_smoke_sweep_has_the_promised_trials():
     trials = expand(load_sweep(REPO / "sweeps/smoke.yaml"))
     assert len(trials) >= 4
