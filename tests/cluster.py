@@ -11,8 +11,9 @@
         c.kill_worker(0)          # SIGKILL worker node 0: its raylet, agents and workers
         c.stop(); c.start()       # the whole Ray cluster gone, then a fresh one (new disks, ports)
 
-What runs: a moto S3 server (buckets `data` and `runs`), an `mlflow server` (SQLite backend,
-artifacts in s3://runs/mlflow), a Ray head started as KubeRay starts it (`ray start --head`,
+What runs: a moto S3 server (buckets `data` and `runs`), an `mlflow server` with MLflow's login
+(`--app-name basic-auth`, the settings of cluster/base/mlflow.yaml; SQLite backend, artifacts in
+s3://runs/mlflow) whose user `ditsweep` is made by the script of the Job mlflow-user, a Ray head started as KubeRay starts it (`ray start --head`,
 0 CPUs: the driver's node, no trials) and `workers` worker nodes (`ray start --address`), each
 with `cpus_per_worker` CPUs. Nodes are real `ray start` processes, not ray.cluster_utils: Ray
 runs several raylets on one host when each has its own ports, and `ray start` is what a
@@ -26,8 +27,8 @@ names a node's processes exactly, which is how `kill_worker` finds them (`isolat
 whether this worked; without it the processes are found by temp dir and process tree).
 
 The nodes get the environment a KubeRay pod gets from the ConfigMap and Secret: S3 endpoint
-and keys, MLFLOW_TRACKING_URI, DITSWEEP_STORAGE (s3://runs/ray), DITSWEEP_DATA_ROOT
-(s3://data), plus Ray's health checks lowered so that a dead node is declared dead within
+and keys, Ray's token, MLFLOW_TRACKING_URI with the user ditsweep's login, DITSWEEP_STORAGE
+(s3://runs/ray), DITSWEEP_DATA_ROOT (s3://data), plus Ray's health checks lowered so that a dead node is declared dead within
 about 5 s (HEALTH_ENV) instead of Ray's default 30 s or more.
 """
 
@@ -42,7 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from configparser import ConfigParser
 from pathlib import Path
+
+import yaml
 
 from procs import descendants, free_port, wait_for_port
 from s3server import S3Server
@@ -52,6 +56,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 HEALTH_ENV = {"RAY_health_check_initial_delay_ms": "2000", "RAY_health_check_period_ms": "1000",
               "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "5"}
 OBJECT_STORE_BYTES = 256 * 1024 ** 2  # per node; Ray's default (30% of RAM) per node adds up
+MLFLOW_MANIFEST = Path(__file__).resolve().parents[1] / "cluster" / "base" / "mlflow.yaml"
+ADMIN, USER = "admin", "ditsweep"  # MLflow's admin (people) and the sweeps' user (Ray's nodes)
 
 
 class LoopbackCluster:
@@ -65,6 +71,7 @@ class LoopbackCluster:
         self.isolated = isolate and _can_unshare()
         self.extra_env = extra_env or {}
         self.token = secrets.token_hex(16)
+        self.admin_password, self.password = secrets.token_hex(16), secrets.token_hex(16)
         self.s3: S3Server | None = None
         self.mlflow: subprocess.Popen | None = None
         self.tracking_uri = ""
@@ -89,6 +96,7 @@ class LoopbackCluster:
                "AWS_CONFIG_FILE": str(self.base / "no-aws-config"),  # never ~/.aws
                "AWS_SHARED_CREDENTIALS_FILE": str(self.base / "no-aws-credentials"),
                "MLFLOW_TRACKING_URI": self.tracking_uri,
+               "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": self.password,
                "DITSWEEP_STORAGE": "s3://runs/ray", "DITSWEEP_DATA_ROOT": "s3://data",
                # Ray >= 2.59 protects clusters with a token: every node and client shares one.
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
@@ -96,6 +104,11 @@ class LoopbackCluster:
         for name in ("RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             env.pop(name, None)
         return env
+
+    @property
+    def admin_login(self) -> dict[str, str]:
+        """MLflow's client environment of a person logged in as the admin."""
+        return {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
     # --- services ------------------------------------------------------------------------------
 
@@ -105,16 +118,36 @@ class LoopbackCluster:
             self.s3.create_bucket(bucket)
         port = free_port()
         (self.base / "mlflow").mkdir(exist_ok=True)
+        database = f"sqlite:///{self.base / 'mlflow' / 'mlflow.db'}"
+        # The login's settings of cluster/base/mlflow.yaml; users in the runs' database, as there.
+        docs = list(yaml.safe_load_all(MLFLOW_MANIFEST.read_text()))
+        (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-auth"]
+        ini = ConfigParser()
+        ini.read_string(config_map["data"]["basic_auth.ini"])
+        ini["mlflow"]["database_uri"] = database
+        with open(self.base / "mlflow" / "basic_auth.ini", "w") as f:
+            ini.write(f)
         self.mlflow = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{self.base / 'mlflow' / 'mlflow.db'}",
+             "--backend-store-uri", database, "--app-name", "basic-auth",
              "--artifacts-destination", "s3://runs/mlflow", "--workers", "1"],
             stdout=open(self.base / "mlflow" / "server.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**self.env, "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint_url,
-                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 "MLFLOW_AUTH_CONFIG_PATH": str(self.base / "mlflow" / "basic_auth.ini"),
+                 "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN, "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
         self.tracking_uri = f"http://127.0.0.1:{port}"
         wait_for_port(port, timeout=120)
+        # The sweeps' user, made as on the cluster: the Job mlflow-user's script, as the admin.
+        (job,) = [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mlflow-user"]
+        script = job["spec"]["template"]["spec"]["containers"][0]["command"][2]
+        made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**self.env, **self.admin_login, "DITSWEEP_USER": USER,
+                                   "DITSWEEP_PASSWORD": self.password})
+        if made.returncode != 0:
+            raise RuntimeError(f"the Job mlflow-user's script failed:\n{made.stderr[-3000:]}")
 
     # --- the Ray cluster -----------------------------------------------------------------------
 

@@ -246,8 +246,12 @@ def test_core_objects_and_ray_pod_templates_validate_against_kubernetes_schemas(
     checked = 0
     for obj in all_objects():
         if obj["apiVersion"].startswith("ray.io/"):
-            # The pods KubeRay will create: each template in full, as a core v1 PodTemplate.
-            for where, template in ray_pod_templates(obj):
+            # The pods KubeRay will create: each template in full, as a core v1 PodTemplate
+            # (the RayJob's submitter too).
+            templates = ray_pod_templates(obj)
+            if "submitterPodTemplate" in obj["spec"]:
+                templates = templates + [("submitter", obj["spec"]["submitterPodTemplate"])]
+            for where, template in templates:
                 pod_template = {"apiVersion": "v1", "kind": "PodTemplate",
                                 "metadata": {"name": obj["metadata"]["name"]}, "template": template}
                 try:
@@ -393,8 +397,10 @@ def test_ray_containers_get_settings_from_the_configmap_and_keys_from_the_secret
             assert {"configMapRef": {"name": CONFIG_NAME}} in c.get("envFrom", []), where
             refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
                     if "secretKeyRef" in e.get("valueFrom", {})}
-            assert set(refs) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, where
-            assert all(r["name"] == SECRET_NAME and r["key"] in secret_keys for r in refs.values())
+            assert set(refs) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN",
+                                 "MLFLOW_TRACKING_PASSWORD"}, where
+            assert all(r["name"] == SECRET_NAME and r["key"] == name and r["key"] in secret_keys
+                       for name, r in refs.items())
             assert c["workingDir"] == dockerfile_workdir(RAY_DOCKERFILE), \
                 f"{where}: the entry point's relative sweep path needs the image's working directory"
 
@@ -413,6 +419,154 @@ def test_interactive_raycluster_is_the_rayjob_cluster():
     cluster = find(load_documents(CLUSTER / "interactive" / "raycluster.yaml"), "RayCluster")
     assert cluster["spec"] == rayjob()["spec"]["rayClusterSpec"], \
         "cluster/interactive/raycluster.yaml drifted from the RayJob's rayClusterSpec"
+
+
+# ---------------------------------------------------------------------------------------------
+# Who gets in: Ray's token, MLflow's login, NetworkPolicies (tried for real: tests/test_cluster.py)
+# ---------------------------------------------------------------------------------------------
+
+RAY_TOKEN_ENV = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                 {"name": "RAY_AUTH_TOKEN",
+                  "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": "RAY_AUTH_TOKEN"}}}]
+
+
+def test_every_ray_container_presents_the_token_from_the_secret():
+    """A Ray process or client without the token is refused, so every container KubeRay makes for
+    the RayJob and the RayCluster carries it: head, workers, the autoscaler KubeRay adds to the
+    head pod (autoscalerOptions.env), and the RayJob's submitter. Nothing else gets it."""
+    for obj in ray_objects():
+        spec = obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+        envs = {"autoscaler": spec["autoscalerOptions"].get("env", [])}
+        envs |= {f"{where} {c['name']}": c.get("env", [])
+                 for where, template in ray_pod_templates(obj) for c in template["spec"]["containers"]}
+        if obj["kind"] == "RayJob":
+            submitter = obj["spec"]["submitterPodTemplate"]["spec"]
+            (c,) = submitter["containers"]
+            assert "command" not in c and "args" not in c, "KubeRay fills in `ray job submit` itself"
+            assert c["image"] == _head_container(obj)["image"] and submitter["restartPolicy"] == "Never"
+            envs["submitter"] = c.get("env", [])
+        for where, env in envs.items():
+            assert all(e in env for e in RAY_TOKEN_ENV), f"{obj['kind']} {obj['metadata']['name']}, {where}"
+    for obj in all_objects():
+        if not obj["apiVersion"].startswith("ray.io/"):
+            for c in walk_containers(obj):
+                assert "RAY_AUTH_TOKEN" not in {e["name"] for e in c.get("env", [])}, c["name"]
+
+
+def test_mlflow_server_requires_a_login_and_the_sweeps_log_in_as_their_own_user():
+    objects = render("")
+    (c,) = find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    for name, key in [("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
+                      ("PGPASSWORD", "POSTGRES_PASSWORD")]:
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": key}, name
+    # The login's settings: the ConfigMap mounted where MLFLOW_AUTH_CONFIG_PATH points, read as
+    # mlflow.server.auth.config reads it. No password in it: the admin's comes from the
+    # environment, the database's from PGPASSWORD (libpq).
+    import configparser
+    from sqlalchemy.engine import make_url
+    path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in c["volumeMounts"] if path.parent == Path(m["mountPath"])]
+    (volume,) = [v for v in find(objects, "Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == mount["name"]]
+    ini = configparser.ConfigParser()
+    ini.read_string(find(objects, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
+    settings = ini["mlflow"]
+    assert settings["default_permission"] in ("READ", "NO_PERMISSIONS")
+    assert "admin_password" not in settings
+    url = make_url(settings["database_uri"])
+    postgres = find(objects, "Service", "postgres")
+    assert url.password is None and url.host == postgres["metadata"]["name"]
+    assert url.port == postgres["spec"]["ports"][0]["port"]
+    assert (url.username, url.database) == (config_map()["data"]["POSTGRES_USER"], config_map()["data"]["POSTGRES_DB"])
+    # The sweeps log in as their own user, not as the admin; the Job mlflow-user creates it,
+    # logged in as the admin, and runs again on the next apply (ttlSecondsAfterFinished).
+    data = config_map()["data"]
+    assert data["MLFLOW_TRACKING_USERNAME"] != data["MLFLOW_AUTH_ADMIN_USERNAME"]
+    job = find(objects, "Job", "mlflow-user")
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
+    (jc,) = job["spec"]["template"]["spec"]["containers"]
+    assert jc["image"] == c["image"] and jc["command"][:2] == ["python", "-c"]
+    compile(jc["command"][2], "mlflow-user", "exec")
+    jenv = {e["name"]: e["valueFrom"] for e in jc["env"] if "valueFrom" in e}
+    assert jenv["MLFLOW_TRACKING_USERNAME"]["configMapKeyRef"]["key"] == "MLFLOW_AUTH_ADMIN_USERNAME"
+    assert jenv["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["key"] == "MLFLOW_AUTH_ADMIN_PASSWORD"
+    assert jenv["DITSWEEP_USER"]["configMapKeyRef"]["key"] == "MLFLOW_TRACKING_USERNAME"
+    assert jenv["DITSWEEP_PASSWORD"]["secretKeyRef"]["key"] == "MLFLOW_TRACKING_PASSWORD"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) applied to labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        if not {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+                "Exists": has, "DoesNotExist": not has}[e["operator"]]:
+            return False
+    return True
+
+
+def admitted(policies: list[dict], target: dict, port: int, source: dict | None) -> bool:
+    """Whether NetworkPolicies let `source` (labels and namespace of a pod; None: an address
+    outside the cluster) connect to TCP `port` of a pod labelled `target`, as the API defines it:
+    a pod no policy selects takes anything; a selected one what some rule of theirs allows."""
+    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for rule in [r for spec in selecting for r in spec.get("ingress", [])]:
+        if rule.get("ports") and not any(p.get("port") in (port, None) and p.get("protocol", "TCP") == "TCP"
+                                         for p in rule["ports"]):
+            continue
+        for peer in rule.get("from", [{"ipBlock": {"cidr": "0.0.0.0/0"}}]):
+            if "ipBlock" in peer:
+                return True  # ditsweep's policies have none: any ipBlock admits too much here
+            if source is None:
+                continue
+            same = "namespaceSelector" not in peer and source["namespace"] == "ditsweep"
+            other = "namespaceSelector" in peer and _selects(peer["namespaceSelector"],
+                                                             {"kubernetes.io/metadata.name": source["namespace"]})
+            if (same or other) and _selects(peer.get("podSelector", {}), source["labels"]):
+                return True
+    return False
+
+
+def test_network_policies_let_only_the_namespace_in_and_only_mlflow_into_postgres():
+    policies = [o for o in render("") if o["kind"] == "NetworkPolicy"]
+    assert policies, "no NetworkPolicy in cluster/"
+    # Every pod the platform, the RayJob and the RayCluster make, with its labels and ports.
+    pods = {}
+    for obj in all_objects():
+        if obj["apiVersion"].startswith("ray.io/"):
+            templates = ray_pod_templates(obj) + ([("submitter", obj["spec"]["submitterPodTemplate"])]
+                                                  if "submitterPodTemplate" in obj["spec"] else [])
+            pods |= {f"{obj['kind']} {where}": t for where, t in templates}
+        elif "template" in obj.get("spec", {}):
+            pods[f"{obj['kind']} {obj['metadata']['name']}"] = obj["spec"]["template"]
+    ports = {name: [p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])]
+             for name, t in pods.items()}
+    labels = {name: t["metadata"]["labels"] for name, t in pods.items()}
+    assert {6379, 8265, 10001} <= set(ports["RayJob head"]) and ports["Deployment mlflow"] == [5000]
+    inside = lambda name: {"namespace": "ditsweep", "labels": labels[name]}  # noqa: E731
+    for name, target in labels.items():
+        # Every pod is selected: a pod no policy selects would take connections from anywhere.
+        assert any(_selects(p["spec"]["podSelector"], target) for p in policies), f"{name}: no policy"
+        for port in ports[name] or [8080]:
+            for intruder in [None, {"namespace": "default", "labels": target},
+                             {"namespace": "kuberay", "labels": {}}]:
+                assert not admitted(policies, target, port, intruder), (name, port, intruder)
+            if name == "StatefulSet postgres":
+                assert admitted(policies, target, port, inside("Deployment mlflow"))
+                for other in set(labels) - {name, "Deployment mlflow"}:
+                    assert not admitted(policies, target, port, inside(other)), (other, "postgres")
+            else:
+                for other in labels:
+                    assert admitted(policies, target, port, inside(other)), (other, name, port)
+    # The evaluator is not vacuous: without the policies, anyone gets in.
+    assert admitted([], labels["RayJob head"], 8265, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +644,9 @@ def test_mlflow_server_uses_postgres_and_s3_and_answers_in_cluster_names():
 
 def test_secrets_only_in_the_secret():
     example = read_env_file(CLUSTER / "base" / "secrets.env")
-    assert set(example) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD"}
+    assert set(example) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD",
+                            "RAY_AUTH_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD",
+                            "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     if not (CLUSTER / "base" / "secrets.env").exists():
         assert set(example.values()) == {"replace-me"}, "the committed example holds placeholders only"
     assert "secrets.env" in (CLUSTER / "base" / ".gitignore").read_text().split()
@@ -620,7 +776,7 @@ def test_ray_images_install_exactly_pyprojects_dependencies(monkeypatch):
     assert deps.dependencies(str(REPO / "pyproject.toml")) == PYPROJECT["project"]["dependencies"]
     runs = [a for ins, a in dockerfile_instructions(RAY_DOCKERFILE) if ins == "RUN"]
     order = [next(i for i, r in enumerate(runs) if needle in r)
-             for needle in ("torch==", "install-natten.sh", "pyproject_deps.py requirements",
+             for needle in ("torch==", "install-natten.sh", "-r /tmp/requirements.txt",
                             "pyproject_deps.py check")]
     assert order == sorted(order), "torch, then NATTEN, then the rest, then the version check"
     assert "--no-build-isolation" in (REPO / "docker" / "install-natten.sh").read_text()
@@ -651,11 +807,13 @@ def test_gpu_image_cuda_matches_the_pinned_torch_build():
     assert args["TORCH_CUDA"] == "cu" + major_minor.replace(".", ""), \
         "torch's wheel index (cu130) and the CUDA base image must be the same CUDA"
     froms = [a for ins, a in dockerfile_instructions(RAY_DOCKERFILE) if ins == "FROM"]
-    assert "nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS gpu-build" in froms
-    assert "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS gpu-runtime" in froms
+    assert {"${GPU_BUILD_IMAGE} AS gpu-build", "${GPU_RUNTIME_IMAGE} AS gpu-runtime",
+            "${CPU_BASE_IMAGE} AS cpu-build", "${CPU_BASE_IMAGE} AS cpu-runtime"} <= set(froms)
+    assert args["GPU_BUILD_IMAGE"] == "docker.io/nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}"
+    assert args["GPU_RUNTIME_IMAGE"] == "docker.io/nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}"
     # The head (cpu) and the workers (gpu) on the same Ubuntu: the same Python, to the patch
     # level, which Ray requires of every node of a cluster.
-    assert "ubuntu:${UBUNTU_VERSION} AS cpu-build" in froms and "ubuntu:${UBUNTU_VERSION} AS cpu-runtime" in froms
+    assert args["CPU_BASE_IMAGE"] == "docker.io/library/ubuntu:${UBUNTU_VERSION}"
 
     # Which CUDA the pinned torch is built for, read off the torch installed here when it is
     # PyPI's build of that version (torch/version.py, without importing torch).
@@ -691,17 +849,56 @@ def test_ray_image_provides_what_kuberay_and_ditsweep_need():
     if spec is not None and spec.origin is not None:
         source = (Path(spec.origin).parent / "feature_extractor_inceptionv3.py").read_text()
         assert args["INCEPTION_URL"] in source, "not the URL of the installed torch-fidelity"
-    # The entry point's relative sweep path resolves in the image: sweeps/ is copied into the
-    # working directory, and the default command's sweep exists.
+    # The entry point's relative sweep path resolves in the image: sweeps/ is copied to /opt
+    # and linked into the working directory (a results volume there does not hide it), and the
+    # default command's sweep exists.
     sweep_dir = entrypoint_argv(rayjob())[3].split("/")[0]
-    assert any(ins == "COPY" and a.split()[-2:] == [sweep_dir, f"./{sweep_dir}"] for ins, a in stage)
+    assert any(ins == "COPY" and a.split() == [sweep_dir, f"/opt/ditsweep/{sweep_dir}"] for ins, a in stage)
+    assert any(ins == "RUN" and f"ln -s /opt/ditsweep/{sweep_dir} {sweep_dir}" in a for ins, a in stage)
     (cmd,) = [a for ins, a in stage if ins == "CMD"]
-    assert (REPO / yaml.safe_load(cmd)[-1]).is_file()
+    assert (REPO / yaml.safe_load(cmd)[-1].removeprefix("/opt/ditsweep/")).is_file()
     # The image placeholders of the manifests are the ones images/ maps to a registry.
     component = yaml.safe_load((CLUSTER / "images" / "kustomization.yaml").read_text())
     used = {c["image"] for path in CLUSTER.rglob("*.yaml") for doc in load_documents(path)
             for c in walk_containers(doc)}
     assert {i["name"] for i in component["images"]} == {u for u in used if u.startswith("ditsweep-")}
+
+
+def dockerfile_stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name ("global": before the first FROM)."""
+    stages, name = {"global": []}, "global"
+    for instruction, arguments in dockerfile_instructions(path):
+        if instruction == "FROM":
+            words = arguments.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else f"stage{len(stages)}"
+            stages[name] = []
+        stages[name].append((instruction, arguments))
+    return stages
+
+
+def test_only_the_gpu_build_sees_natten_cuda_arch_and_every_fetch_is_a_build_argument():
+    # NATTEN's setup.py compiles libnatten whenever NATTEN_CUDA_ARCH is set: the cpu flavour
+    # (no nvcc) must never have it in a build step's environment, not even as a global ARG.
+    stages = dockerfile_stages(RAY_DOCKERFILE)
+    holders = [name for name, instructions in stages.items()
+               if any("NATTEN_CUDA_ARCH" in a for ins, a in instructions if ins in ("ARG", "ENV"))]
+    assert holders == ["gpu-build"], holders
+    assert {a.split()[0] for ins, a in stages["deps"] if ins == "FROM"} == {"python"}
+    for dockerfile in (RAY_DOCKERFILE, MLFLOW_DOCKERFILE):
+        stages = dockerfile_stages(dockerfile)
+        for name, instructions in stages.items():
+            for ins, arguments in instructions:
+                # every base is a build argument or an earlier stage (a mirror's, or a local one)
+                if ins == "FROM":
+                    base = arguments.split()[0]
+                    assert base.startswith("${") or base in stages, f"{dockerfile.name}: FROM {base}"
+                # every address fetched from is a build argument's default, none is in a step
+                assert ins not in ("RUN", "ADD") or "://" not in arguments, \
+                    f"{dockerfile.name} ({name}): {ins} {arguments[:80]}"
+    args = dockerfile_args(RAY_DOCKERFILE)
+    assert {"TORCH_INDEX_URL", "NATTEN_WHEEL_INDEX", "INCEPTION_URL", "INCEPTION_FILE",
+            "EXTRA_CA_CERTS", "CPU_BASE_IMAGE", "GPU_BUILD_IMAGE", "GPU_RUNTIME_IMAGE"} <= set(args)
+    assert {"BASE_IMAGE", "EXTRA_CA_CERTS"} <= set(dockerfile_args(MLFLOW_DOCKERFILE))
 
 
 def test_install_natten_script_is_valid_bash():
@@ -758,7 +955,8 @@ def test_build_context_holds_what_the_images_copy_and_nothing_secret():
             if instruction != "COPY" or "--from=" in arguments:
                 continue
             *sources, _ = [a for a in arguments.split() if not a.startswith("--")]
-            for source in sources:
+            # ${EXTRA_CA_CERTS}, ${INCEPTION_FILE}: files the build machine puts in docker/local/
+            for source in [s for s in sources if not s.startswith("${")]:
                 assert (REPO / source).exists(), f"{dockerfile.name} copies missing {source}"
                 files = [source] if (REPO / source).is_file() else [
                     str(p.relative_to(REPO)) for p in (REPO / source).rglob("*")

@@ -1,7 +1,9 @@
 """Pre-flight (`python -m ditsweep.run SWEEP.yaml --check`): passes on a local Ray (and on a head
 of several `ray start` nodes: tests/test_cluster.py); exits 2 with one clear line per
 problem when the tracking server is down, a manifest is missing, the working directory is too
-big to submit, or a cluster of several nodes is given local paths."""
+big to submit, or a cluster of several nodes is given local paths (a local storage_path passes
+when every node type sees the driver's marker file there: tests/test_images.py shows both
+outcomes with containers that share a volume and containers that do not)."""
 
 import re
 import time
@@ -11,7 +13,7 @@ import pytest
 from conftest import tiny_sweep, write_sweep
 from procs import free_port
 
-from ditsweep.sweep.preflight import local_path_checks, table, working_dir_checks
+from ditsweep.sweep.preflight import local_path_checks, probe, table, working_dir_checks, write_marker
 
 
 def sparse_file(path: Path, size: int) -> Path:
@@ -36,27 +38,26 @@ def test_working_dir_check_names_the_offenders_and_honours_ignore_files(tmp_path
 
 
 def test_local_paths_fail_on_a_cluster_of_several_nodes_naming_each_field():
-    local = dict(storage="/tmp/x", tracking_uri="sqlite:////tmp/mlflow.db",
+    local = dict(tracking_uri="sqlite:////tmp/mlflow.db",
                  datasets=["/data/celeba32", "file:///data/imagenet32", "s3://data/photos8"])
     assert local_path_checks(**local, nodes=1) == []  # one node: its disk is everyone's
     checks = local_path_checks(**local, nodes=3)
-    assert [c.item for c in checks] == ["storage_path", "tracking.uri", "grid.dataset", "grid.dataset"]
+    assert [c.item for c in checks] == ["tracking.uri", "grid.dataset", "grid.dataset"]
     assert all(c.ok is False and c.node == "driver" for c in checks)
-    assert checks[0].detail.startswith("/tmp/x is a local path but the cluster has 3 nodes; use s3://")
-    assert "mlflow server" in checks[1].detail and "/data/celeba32" in checks[2].detail
-    assert "file:///data/imagenet32" in checks[3].detail
+    assert checks[0].detail.startswith("sqlite:////tmp/mlflow.db is a local path but the cluster has 3 nodes")
+    assert "mlflow server" in checks[0].detail and "/data/celeba32" in checks[1].detail
+    assert "file:///data/imagenet32" in checks[2].detail
     lines = table(checks).splitlines()
-    assert len(lines) == 5 and re.match(r"driver\s+storage_path\s+FAILED\s+/tmp/x is a local", lines[1])
-    shared = dict(storage="s3://runs/ray", tracking_uri="http://mlflow:5000",
-                  datasets=["s3://data/photos8", "builtin:photos"])
+    assert len(lines) == 4 and re.match(r"driver\s+tracking.uri\s+FAILED\s+sqlite:", lines[1])
+    shared = dict(tracking_uri="http://mlflow:5000", datasets=["s3://data/photos8", "builtin:photos"])
     assert local_path_checks(**shared, nodes=3) == []
 
 
 @pytest.mark.slow
 def test_preflight_counts_the_nodes_of_a_real_cluster(tmp_path, monkeypatch, capsys):
-    """Two raylets on this host (a head without CPUs and a worker, as on KubeRay): a local
-    storage path fails the pre-flight with one line naming the field; an http tracking URI does
-    not."""
+    """Two raylets on this host (a head without CPUs and a worker, as on KubeRay), each a node
+    type of its own: both see the driver's marker in the local storage path (one disk), so it
+    passes; an unreachable http tracking URI fails as unreachable, not as a local path."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -72,13 +73,29 @@ def test_preflight_counts_the_nodes_of_a_real_cluster(tmp_path, monkeypatch, cap
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         assert preflight(sweep, trials, str(tmp_path / "ray_results")) is False
-        err = capsys.readouterr().err
-        assert (f"preflight FAILED on driver: storage_path: {tmp_path / 'ray_results'} is a local "
-                "path but the cluster has 2 nodes; use s3://") in err, err
-        assert "tracking.uri" not in err  # an http server is shared by every node
+        captured = capsys.readouterr()
+        shared = re.findall(r"^(.*\S)\s+storage shared\s+ok\s", captured.out, re.M)
+        assert len(shared) == 2 and any("(head" in n for n in shared), captured.out
+        assert "tracking.uri" not in captured.err and "storage" not in captured.err, captured.err
+        assert ": mlflow: " in captured.err  # an http server is reached from every node, or fails
+        assert list((tmp_path / "ray_results").iterdir()) == []  # the marker removed again
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_node_without_the_drivers_marker_fails_naming_the_path(tmp_path):
+    driver, elsewhere = tmp_path / "shared", tmp_path / "node-disk"
+    marker = write_marker(str(driver))
+    spec = {"driver_versions": {}, "datasets": [], "tracking_uri": "http://127.0.0.1:1",
+            "experiment": "x", "storage": str(driver), "fid_weights": None, "storage_marker": marker}
+    seen = {c["item"]: c for c in probe(spec)}
+    assert seen["storage shared"]["ok"] is True
+    elsewhere.mkdir()
+    other = {c["item"]: c for c in probe({**spec, "storage": str(elsewhere)})}["storage shared"]
+    assert other["ok"] is False
+    assert other["detail"].startswith(f"{elsewhere} is not the driver's directory here (no marker file "
+                                      f"{marker['name']}): mount one shared volume there on every node")
 
 
 @pytest.mark.slow

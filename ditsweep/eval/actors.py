@@ -73,8 +73,23 @@ class _Worker:
     def __init__(self, settings: EvalActorSettings):
         # SPREAD: one lost node takes at most its share of the pool, not every evaluator
         self.handle = EvalWorker.options(num_cpus=settings.cpus, num_gpus=settings.gpus,
-                                         scheduling_strategy="SPREAD").remote(settings.cpus, settings.gpus)
+                                         scheduling_strategy="SPREAD", **off_cpuless_nodes(settings),
+                                         ).remote(settings.cpus, settings.gpus)
         self.info = self.handle.info.remote()  # resolves once the actor is up
+
+
+def off_cpuless_nodes(settings: EvalActorSettings) -> dict:
+    """Actor options that keep a worker reserving neither CPUs nor GPUs off the nodes with 0 CPUs
+    (a KubeRay head: the driver's node), while another node exists for it. A node that joins later
+    counts from the next replacement on; with only 0-CPU nodes alive (GPU workers that scale from
+    zero) the worker goes where Ray puts it, the head included (README, "On a cluster")."""
+    if settings.cpus or settings.gpus:
+        return {}  # Ray places it where its CPUs or GPUs are
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpuless = [n["NodeID"] for n in alive if not n.get("Resources", {}).get("CPU")]
+    if not cpuless or len(cpuless) == len(alive):
+        return {}
+    return {"label_selector": {"ray.io/node-id": f"!in({','.join(cpuless)})"}}
 
 
 @ray.remote(num_cpus=0)

@@ -10,13 +10,15 @@ type, with or without GPUs) and checks there what a trial will need:
                path (without the library NATTEN runs 3x slower, silently); CPU nodes: n/a
     data       every packed dataset's manifest is readable from there
     mlflow     the tracking server is reachable and writable (a run is created, then deleted)
-    storage    the Tune storage path is writable
+    storage    the Tune storage path is writable; a local path on a cluster of several nodes
+               must be one shared directory (a volume mounted on every node: NFS, a ReadWriteMany
+               PVC): the marker file the driver wrote there is read back on each node type
     fid        the InceptionV3 weights file exists, where FID is enabled
 
 and on the driver: the working directory fits `ray job submit`'s upload limit (the files Ray
 would upload, i.e. honouring .gitignore and .rayignore as Ray does), naming the biggest offenders;
-and, on a cluster of more than one node, that storage_path, tracking.uri and each dataset are not
-local paths (each node would see its own disk), one line per field.
+and, on a cluster of more than one node, that tracking.uri and each dataset are not local paths
+(each node would see its own disk), one line per field.
 It prints a table; any failure names the node and the item, and the sweep exits 2.
 """
 
@@ -74,6 +76,8 @@ def probe(spec: dict) -> list[dict]:
         run(f"data {uri}", _check_manifest, uri, spec["resolution"])
     run("mlflow", _check_mlflow, spec["tracking_uri"], spec["experiment"])
     run("storage", _check_storage, spec["storage"])
+    if spec.get("storage_marker"):
+        run("storage shared", _check_shared, spec["storage"], spec["storage_marker"])
     if spec["fid_weights"] is not None:
         run("fid weights", _check_fid, spec["fid_weights"][0])
     return checks
@@ -127,15 +131,41 @@ def _check_mlflow(uri: str, experiment: str) -> tuple[bool, str]:
     client = MlflowClient(uri)
     try:
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if exp is None:
+            try:
+                client.create_experiment(experiment)
+            except Exception:  # noqa: BLE001 - another node's check created it first; read it below
+                pass
+            exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name="preflight", tags={ROLE_TAG: "preflight"})
         client.log_metric(run.info.run_id, "preflight", 1.0)
         client.delete_run(run.info.run_id)  # reports and searches never see it
     except Exception as e:  # noqa: BLE001 - MLflow raises many types for "cannot reach"
         cause = _one_line(e).split("Caused by ")[-1]  # urllib3 puts the reason last
-        return False, f"tracking server {safe_uri(uri)} not reachable or not writable ({type(e).__name__}: " \
-                      f"{cause[:200]})"
+        return False, _login_problem(cause, safe_uri(uri), experiment) or \
+            f"tracking server {safe_uri(uri)} not reachable or not writable ({type(e).__name__}: {cause[:200]})"
     return True, f"{safe_uri(uri)}: created and deleted a run in {experiment!r}"
+
+
+def _login_problem(cause: str, uri: str, experiment: str) -> str | None:
+    """One line for a tracking server that refused the login (HTTP 401) or the write (403), naming
+    what to set; None for any other failure. MLflow's client sends MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) of the process, here of the node."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 401" in cause:
+        login = (user and os.environ.get("MLFLOW_TRACKING_PASSWORD")) or os.environ.get("MLFLOW_TRACKING_TOKEN")
+        if not login:
+            return (f"tracking server {uri} requires a login, but MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD are not set here (on Kubernetes: the Secret's "
+                    f"MLFLOW_TRACKING_PASSWORD, cluster/README.md)")
+        return (f"tracking server {uri} refused the login of user {user!r} (HTTP 401): "
+                f"MLFLOW_TRACKING_PASSWORD is wrong or the user does not exist (on Kubernetes the Job "
+                f"mlflow-user sets it from the Secret, cluster/README.md)")
+    if "error code 403" in cause:
+        return (f"user {user!r} may not write to experiment {experiment!r} on {uri} (HTTP 403): "
+                f"another user created it; have the admin grant {user!r} EDIT on it, or rename the sweep")
+    return None
 
 
 def _check_storage(path: str) -> tuple[bool, str]:
@@ -152,6 +182,27 @@ def _check_storage(path: str) -> tuple[bool, str]:
         (Path(path) / name).write_bytes(b"ok")
         (Path(path) / name).unlink()
     return True, f"{path}: wrote and removed a file"
+
+
+def _check_shared(path: str, marker: dict) -> tuple[bool, str]:
+    found = Path(_local(path)) / marker["name"]
+    if found.is_file() and found.read_text() == marker["token"]:
+        return True, f"{path}: the driver's marker file is here (one shared directory)"
+    return False, (f"{path} is not the driver's directory here (no marker file {marker['name']}): "
+                   f"mount one shared volume there on every node, or {SHARED_INSTEAD['storage_path']}")
+
+
+def write_marker(storage: str) -> dict:
+    """A file only this pre-flight writes, in a local storage_path, for every node to look for."""
+    import secrets
+    marker = {"name": f".ditsweep-shared-{secrets.token_hex(8)}", "token": secrets.token_hex(16)}
+    Path(_local(storage)).mkdir(parents=True, exist_ok=True)
+    (Path(_local(storage)) / marker["name"]).write_text(marker["token"])
+    return marker
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _check_fid(weights: str | None) -> tuple[bool, str]:
@@ -206,13 +257,14 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith(("file:", "sqlite:"))
 
 
-def local_path_checks(storage: str, tracking_uri: str, datasets: list[str], nodes: int) -> list[Check]:
-    """On a cluster of several nodes a local path is a different disk on each node: checkpoints a
-    restarted trial cannot find, one MLflow store per node, data missing on the workers. One
-    failed check per local path, naming its field; none on a single node."""
+def local_path_checks(tracking_uri: str, datasets: list[str], nodes: int) -> list[Check]:
+    """On a cluster of several nodes a local path is a different disk on each node: one MLflow
+    store per node, data missing on the workers. One failed check per local path, naming its
+    field; none on a single node. (A local storage_path may be a shared volume: the probes
+    look for the driver's marker file there.)"""
     if nodes <= 1:
         return []
-    local = [("storage_path", storage)] if is_local(storage) else []
+    local = []
     if is_local(tracking_uri) and not tracking_uri.startswith("databricks"):
         local.append(("tracking.uri", tracking_uri))
     local += [("grid.dataset", d) for d in datasets if not d.startswith("builtin:") and is_local(d)]
@@ -230,8 +282,10 @@ def node_groups() -> list[tuple[str, dict]]:
         gpu_kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")),
                         "gpu" if res.get("GPU") else "cpu")
         group = labels.get("ray.io/node-group") or labels.get("ray.io/node-type") or ""
-        key = (group, gpu_kind, res.get("GPU", 0) > 0)
-        name = f"{node.get('NodeManagerAddress')} ({', '.join(p for p in (group, gpu_kind) if p)})"
+        head = "head" if "node:__internal_head__" in res else ""  # the driver's node: a type of its own
+        key = (group, head, gpu_kind, res.get("GPU", 0) > 0)
+        where = " ".join(dict.fromkeys(p for p in (node.get("NodeManagerHostname"), node.get("NodeManagerAddress")) if p))
+        name = f"{where} ({', '.join(p for p in (group, head, gpu_kind) if p)})"
         groups.setdefault(key, (name, node))
     return sorted(groups.values(), key=lambda g: g[0])
 
@@ -258,7 +312,12 @@ def run_checks(sweep: Sweep, trials: list[TrialConfig], storage: str) -> list[Ch
     checks = [working_dir_checks(Path.cwd())]
     groups = node_groups()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    checks += local_path_checks(storage, first.tracking_uri, spec["datasets"], nodes)
+    checks += local_path_checks(first.tracking_uri, spec["datasets"], nodes)
+    if nodes > 1 and is_local(storage):
+        try:
+            spec["storage_marker"] = write_marker(storage)
+        except OSError as e:
+            checks.append(Check("driver", "storage_path", False, f"{storage}: cannot write there ({e})"))
     remote = ray.remote(probe)
     refs = {}
     for name, node in groups:
@@ -277,6 +336,8 @@ def run_checks(sweep: Sweep, trials: list[TrialConfig], storage: str) -> list[Ch
                                 f"{PROBE_TIMEOUT_S:.0f} s (node busy or its resources taken?)"))
         except Exception as e:  # noqa: BLE001 - a node that cannot run a task fails the check
             checks.append(Check(name, "probe", False, f"{type(e).__name__}: {_one_line(e)}"))
+    if spec.get("storage_marker"):
+        (Path(_local(storage)) / spec["storage_marker"]["name"]).unlink(missing_ok=True)
     return checks
 
 

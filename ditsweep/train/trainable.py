@@ -163,6 +163,10 @@ def _train_trial(config: dict, attempt: dict) -> None:
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.loader_workers,
             cache_dir=os.environ.get("DITSWEEP_DATA_CACHE"), resolution=cfg.data.resolution)
     last_flush = time.monotonic()
+    # A restored attempt sends each loss at once for FLUSH_SECONDS, so that its first new step
+    # shows in MLflow as soon as it is trained, not up to FLUSH_SECONDS later (README, "A
+    # multi-node cluster on one machine").
+    prompt_until = last_flush + FLUSH_SECONDS if trainer.step > 0 else 0.0
     metrics: dict = {}
     try:
         while trainer.step < cfg.train.steps:
@@ -174,6 +178,8 @@ def _train_trial(config: dict, attempt: dict) -> None:
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 metrics["loss"] = trainer.read_loss()  # mean since the last read
                 run.log_metrics({"loss": metrics["loss"]}, step)
+                if time.monotonic() < prompt_until:
+                    run.flush()
                 if step % cfg.train.checkpoint_every and step < cfg.train.steps:
                     tune.report(metrics)  # for the progress view; checkpoints and the end report below
             if evaluator and step < cfg.train.steps:
