@@ -20,7 +20,6 @@ import re
 import shlex
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -221,13 +220,3 @@ class Manifests:
             if volume.get("emptyDir", {}).get("medium") == "Memory":
                 return volume["emptyDir"]["sizeLimit"].replace("Gi", "g")
         return "64m"
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

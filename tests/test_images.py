@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from cluster import HEALTH_ENV, OBJECT_STORE_BYTES
 from conftest import REPO, tiny_sweep
-from containers import Engine, Manifests, build_images, wait_until
-from procs import free_port, wait_for_port
+from containers import Engine, Manifests, build_images
+from procs import free_port, wait_for, wait_for_port
 from s3server import FAKE_KEY_ID, FAKE_SECRET, S3Server
 
 pytestmark = [pytest.mark.images, pytest.mark.slow]  # slow: out of the quick subset too
@@ -217,7 +217,7 @@ class ContainerCluster:
         self.nodes = ["ci-head"] + [f"ci-worker-{i}" for i in range(self.workers)]
         for i, node in enumerate(self.nodes):
             self._start_node(node, head=i == 0, worker_ports=20000 + 300 * i)
-        wait_until(lambda: self.alive_nodes() == len(self.nodes), 180, "every node alive")
+        wait_for(lambda: self.alive_nodes() == len(self.nodes), 180, "every node alive")
 
     def _start_node(self, name: str, head: bool, worker_ports: int) -> None:
         group = self.m.head_group if head else self.m.worker_group
@@ -324,7 +324,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
             key = f"ray/checkpoints/{run.data.tags['ditsweep.identity']}/latest.json"
             bucket = c.m.config["DITSWEEP_STORAGE"].split("/")[2]
             return run if key in c.s3_keys(bucket) else None
-        run = wait_until(checkpointed, 600, f"a checkpoint of {FIRST} in S3")
+        run = wait_for(checkpointed, 600, f"a checkpoint of {FIRST} in S3")
         victim = run.data.tags["ditsweep.trial_host"]
         assert victim.startswith("ci-worker-"), victim
         killed_at = time.time()
@@ -333,7 +333,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
         def finished():
             status = c.job("status", "ci-sweep").stdout
             return status if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")) else None
-        status = wait_until(finished, 900, "the job's end", interval=3)
+        status = wait_for(finished, 900, "the job's end", interval=3)
         logs = c.job("logs", "ci-sweep").stdout
         assert "SUCCEEDED" in status, status + logs[-5000:]
         assert "preflight passed" in logs and "2/2 trials finished" in logs, logs[-3000:]
