@@ -267,6 +267,24 @@ class ContainerCluster:
         pages = self.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def diagnosis(self) -> str:
+        """What a failed run leaves to read: the job's status and log, each container's log."""
+        parts = []
+        if hasattr(self, "dashboard_port"):
+            for what in ("status", "logs"):
+                try:
+                    proc = self.job(what, "ci-sweep", timeout=60)
+                    parts.append(f"--- ray job {what}\n{(proc.stdout + proc.stderr)[-6000:]}")
+                except subprocess.TimeoutExpired:
+                    parts.append(f"--- ray job {what}: no answer in 60 s")
+        for name in self.engine.started:
+            parts.append(f"--- {name}\n{self.engine.logs(name)[-3000:]}")
+        return "\n".join(parts)
+
+    def job_ended(self) -> str | None:
+        status = self.job("status", "ci-sweep").stdout
+        return status if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")) else None
+
     def close(self) -> None:
         if hasattr(self, "s3"):
             self.s3.close()
@@ -318,6 +336,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
 
         # A worker container killed by the engine once the first trial has a checkpoint in S3.
         def checkpointed():
+            assert not c.job_ended(), "the job ended before the first checkpoint"
             run = trial_runs(client, "images").get(FIRST)
             if run is None or "ditsweep.trial_host" not in run.data.tags:
                 return None
@@ -330,10 +349,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
         killed_at = time.time()
         engine.kill(victim)
 
-        def finished():
-            status = c.job("status", "ci-sweep").stdout
-            return status if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")) else None
-        status = wait_for(finished, 900, "the job's end", interval=3)
+        status = wait_for(c.job_ended, 900, "the job's end", interval=3)
         logs = c.job("logs", "ci-sweep").stdout
         assert "SUCCEEDED" in status, status + logs[-5000:]
         assert "preflight passed" in logs and "2/2 trials finished" in logs, logs[-3000:]
@@ -363,6 +379,10 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
         print(f"\ncontainer cluster: up {up:.0f} s, job (2 trials of {STEPS} steps, a worker killed) "
               f"{sweep_time:.0f} s; the moved trial's next step "
               f"{min(m.timestamp for m in resumed) / 1000 - killed_at:.1f} s after the kill")
+    except BaseException:
+        (tmp_path / "diagnosis.txt").write_text(text := c.diagnosis())
+        print(f"\ndiagnosis (all of it in {tmp_path / 'diagnosis.txt'}):\n{text[-12000:]}")
+        raise
     finally:
         engine.close()
         c.close()
