@@ -100,7 +100,10 @@ class LoopbackCluster:
                "DITSWEEP_STORAGE": "s3://runs/ray", "DITSWEEP_DATA_ROOT": "s3://data",
                # Ray >= 2.59 protects clusters with a token: every node and client shares one.
                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-               "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+               "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+               # The job's `python` is this test's interpreter, as in a pod whose image has one
+               # Python: the venv's, whether or not the caller activated it.
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
         for name in ("RAY_ADDRESS", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             env.pop(name, None)
         return env

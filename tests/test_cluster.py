@@ -70,7 +70,11 @@ def wait_for_checkpoint(c: LoopbackCluster, client: MlflowClient, trial: str, ti
         run = trial_runs(client).get(trial)
         latest = run and "ditsweep.trial_pid" in run.data.tags and stored_checkpoint(c, run)
         return (run, latest) if latest else None
-    return wait_for(ready, timeout, f"a stored checkpoint of {trial}", interval=0.3)
+    try:
+        return wait_for(ready, timeout, f"a stored checkpoint of {trial}", interval=0.3)
+    except TimeoutError:
+        print("\n--- the sweep's job log\n" + c.job_logs("sweep-1")[-8000:])
+        raise
 
 
 def history(client: MlflowClient, run_id: str, metric: str) -> list:
@@ -252,6 +256,11 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_a_lost_cluster(cluster, mon
 
     logs = c.job_logs("sweep-1")
     assert "preflight passed" in logs, logs[-3000:]  # on a cluster it runs by itself, first
+    # The evaluator that died with the node is replaced when a job meets it (the pool hands jobs
+    # to its workers in turn) and the job run again; the sweep's log says so (eval_attempts may
+    # not: a job of a step the run had already logged logs nothing).
+    wait_for(lambda: "evaluation pool: 1 evaluator(s) replaced (0 past a deadline, the rest died)"
+             in c.job_logs("sweep-1"), 180, "the sweep's log of the replaced evaluator", interval=3)
 
     # 4. The whole Ray cluster lost once the second trial has a checkpoint of its own.
     run2, latest2 = wait_for_checkpoint(c, client, second)
@@ -290,9 +299,6 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_a_lost_cluster(cluster, mon
         failures = trial.data.tags.get("ditsweep.eval_failure", "")
         for step in set(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)) - set(psnr):
             assert f"step {step} " in failures, (name, step, psnr, failures)
-    # the evaluator that died with the node was replaced and its job run again
-    attempts = [m.value for m in client.get_metric_history(trials[first].info.run_id, "eval_attempts")]
-    assert max(attempts) >= 2, attempts
     # from its last checkpoint in S3 (it may have stored one more while the cluster went down)
     assert int(trials[second].data.tags["ditsweep.resumed_from_step"]) >= latest2["step"]
 

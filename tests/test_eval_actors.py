@@ -2,6 +2,7 @@
 processes, with every metric and figure in MLflow; and a worker killed in the middle of a job,
 which is replaced, the job re-run, and its values logged exactly once."""
 
+import io
 import os
 import re
 import signal
@@ -12,8 +13,10 @@ import pytest
 import torch
 from conftest import PYTHON, tiny_sweep, write_sweep
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from ditsweep.eval.fid import write_random_inception_weights
+from ditsweep.sweep.progress import SweepProgress
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +113,14 @@ def test_a_killed_worker_is_replaced_and_its_job_retried_and_logged_once(tmp_pat
         assert result.evaluator["pid"] != victim["pid"]
         counts = ray.get(pool.status.remote())["counts"]
         assert counts["workers_replaced"] == 1 and counts["retried_jobs"] == 1
+        # the sweep's log says so at once (the value logged once in MLflow cannot show it)
+        out = io.StringIO()
+        progress = SweepProgress({cfg.trial: 10}, pool=pool, console=Console(file=out, force_terminal=False))
+        progress.setup()
+        progress._poll_pool(force=True, wait=30)
+        progress.on_step_end(0, [])
+        assert ("evaluation pool: 1 evaluator(s) replaced (0 past a deadline, the rest died), "
+                "1 job(s) retried and done, 0 failed") in out.getvalue(), out.getvalue()
         stop_pool(pool)
     finally:
         ray.shutdown()

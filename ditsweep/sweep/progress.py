@@ -10,7 +10,8 @@ trial-steps/s and trials ended per minute, the sweep's ETA), then a table of the
 running or changed status in the last minute, cut to the screen's height. A sweep small enough
 to fit shows every trial. In a log (not a TTY: `ray job submit`, CI) it prints one line per
 status change and the summary line every `log_seconds`, so a sweep of hundreds of trials logs a
-few lines per trial, not a line per running trial every 30 s. Tune's own reporter is only shown
+few lines per trial, not a line per running trial every 30 s. Both show the evaluators the pool
+replaced (a lost node, a hung job) and the jobs it retried. Tune's own reporter is only shown
 with `--verbose`.
 """
 
@@ -43,7 +44,6 @@ RECENT_SECONDS = 60.0    # an ended trial stays in the table this long
 RATE_WINDOW_SECONDS = 60.0  # the sweep's throughput: trial-steps over this last stretch
 TABLE_LINES = 3          # the table's lines besides its rows: header, rule, caption
 OTHER_COLUMNS = 64       # characters the columns after the trial's name need, padding included
-SUMMARY_LINES = 2
 
 
 @dataclass
@@ -138,6 +138,8 @@ class SweepProgress(Callback):
         self._asked_at = -math.inf
         self._answered = -math.inf             # when the pool was asked for its last answer read
         self._ending = False
+        self.pool_counts: dict = {}            # the pool's own counts (workers replaced, ...)
+        self._printed_pool = ""                # the pool line a log printed last
         self._steps = 0                        # steps made by all trials, for the throughput
         self._history: deque = deque([(self.start, 0)])  # (time, _steps), one a second at most
 
@@ -250,9 +252,10 @@ class SweepProgress(Callback):
             return
         self._asked, self._answered = None, self._asked_at
         try:
-            per_trial = ray.get(ready[0]).get("trials", {})
+            status = ray.get(ready[0])
         except Exception:  # the pool is busy or gone: show the last counts
             return
+        self.pool_counts, per_trial = status.get("counts", {}), status.get("trials", {})
         for name, counts in per_trial.items():
             if name in self.views:
                 self.views[name].jobs = counts
@@ -289,6 +292,16 @@ class SweepProgress(Callback):
             return len(left) / per_minute * 60
         return None
 
+    def pool_line(self) -> str:
+        """The evaluators the pool replaced (dead with their node, or past a job's deadline):
+        each a retried job, invisible in MLflow when the job's values were logged before."""
+        c = self.pool_counts
+        if not c.get("workers_replaced"):
+            return ""
+        return (f"evaluation pool: {c['workers_replaced']} evaluator(s) replaced "
+                f"({c.get('deadlines_missed', 0)} past a deadline, the rest died), "
+                f"{c.get('retried_jobs', 0)} job(s) retried and done, {c.get('failed_jobs', 0)} failed")
+
     def summary(self) -> list[str]:
         counts = self.counts()
         ended = sum(counts.get(s, 0) for s in ENDED)
@@ -298,7 +311,7 @@ class SweepProgress(Callback):
             f", {per_minute:.1f} trials/min" if per_minute is not None else "")
         return [f"sweep: {ended}/{len(self.views)} trials ended ({by_status})",
                 f"{rates}; {_duration(self.clock() - self.start)} elapsed, "
-                f"ETA {_duration(self.sweep_eta())}"]
+                f"ETA {_duration(self.sweep_eta())}"] + ([self.pool_line()] if self.pool_line() else [])
 
     # --- drawing ------------------------------------------------------------------------------
     def shown(self, rows: int) -> list[TrialView]:
@@ -321,7 +334,8 @@ class SweepProgress(Callback):
     def render(self, height: int | None = None) -> Group:
         """The summary and the table, in at most `height` lines (the screen's by default)."""
         height = height or (self.console.size.height if self.console else 40)
-        rows = height - SUMMARY_LINES - TABLE_LINES
+        summary = self.summary()
+        rows = height - len(summary) - TABLE_LINES
         shown = self.shown(rows)
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         width = self.console.size.width if self.console else 120
@@ -336,7 +350,7 @@ class SweepProgress(Callback):
         if any(hidden.values()):
             table.caption = "not shown: " + ", ".join(f"{hidden[s]} {s}" for s in SUMMARY_ORDER if hidden.get(s))
             table.caption_justify = "left"
-        lines = [Text(line, no_wrap=True, overflow="ellipsis") for line in self.summary()]
+        lines = [Text(line, no_wrap=True, overflow="ellipsis") for line in summary]
         return Group(*lines, table)
 
     def _refresh(self, force: bool = False) -> None:
@@ -358,6 +372,9 @@ class SweepProgress(Callback):
             if self._printed.get(view.name, "pending") != view.status and self._counted(view, now):
                 self._printed[view.name] = view.status
                 self._print(now, _log_line(view))
+        if self.pool_line() != self._printed_pool:  # a replaced evaluator: say so at once
+            self._printed_pool = self.pool_line()
+            self._print(now, self._printed_pool)
         if now - self._last_log >= self.log_seconds:
             self._log_summary(now)
 

@@ -114,11 +114,13 @@ def wait_for_twin(client: MlflowClient, run_id: str, identity: str):
     me = retrying(lambda: client.get_run(run_id), "get run")
     mine = (me.info.start_time or 0, run_id)
     while True:
+        # Active twins first, finished ones second: a twin that finishes between the two
+        # searches is then seen as finished, not missed by both.
+        first = [r for r in find_active(client, identity, exclude_run=run_id)
+                 if (r.info.start_time or 0, r.info.run_id) < mine]
         done = find_original(client, identity)
         if done is not None and done.info.run_id != run_id:
             return done
-        first = [r for r in find_active(client, identity, exclude_run=run_id)
-                 if (r.info.start_time or 0, r.info.run_id) < mine]
         if not first:
             return None
         log.info("identity %s is being trained by run %s (sweep %s); waiting for it", identity,
