@@ -259,9 +259,10 @@ class ContainerCluster:
         except ValueError:
             return 0
 
-    def job(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([RAY, "job", *args, "--address", f"http://127.0.0.1:{self.dashboard_port}"],
-                              env=self.client_env, capture_output=True, text=True, timeout=timeout)
+    def job(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`ray job COMMAND --address ... ARGS` (the address before a submit's `--`)."""
+        return subprocess.run([RAY, "job", command, "--address", f"http://127.0.0.1:{self.dashboard_port}",
+                               *args], env=self.client_env, capture_output=True, text=True, timeout=timeout)
 
     def s3_keys(self, bucket: str) -> list[str]:
         pages = self.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -282,8 +283,10 @@ class ContainerCluster:
         return "\n".join(parts)
 
     def job_ended(self) -> str | None:
-        status = self.job("status", "ci-sweep").stdout
-        return status if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")) else None
+        """`ray job status`'s verdict once the job has one: "succeeded", "failed", "was stopped"."""
+        proc = self.job("status", "ci-sweep")
+        ended = re.search(r"Job 'ci-sweep' (succeeded|failed|was stopped)", proc.stdout + proc.stderr)
+        return ended.group(1) if ended else None
 
     def close(self) -> None:
         if hasattr(self, "s3"):
@@ -351,7 +354,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
 
         status = wait_for(c.job_ended, 900, "the job's end", interval=3)
         logs = c.job("logs", "ci-sweep").stdout
-        assert "SUCCEEDED" in status, status + logs[-5000:]
+        assert status == "succeeded", status + "\n" + logs[-5000:]
         assert "preflight passed" in logs and "2/2 trials finished" in logs, logs[-3000:]
         sweep_time = time.monotonic() - started - up
 
