@@ -29,7 +29,7 @@ from conftest import REPO, tiny_sweep, write_sweep
 from procs import wait_for
 
 pytestmark = pytest.mark.slow
-STEPS, LOG_EVERY, CHECKPOINT_EVERY, EVAL_EVERY = 200, 10, 20, 40
+STEPS, LOG_EVERY, CHECKPOINT_EVERY, EVAL_EVERY = 120, 10, 20, 40
 
 
 def cluster_sweep() -> dict:
