@@ -284,11 +284,6 @@ class LoopbackCluster:
             time.sleep(2)
         return proc
 
-    def job_status(self, submission_id: str) -> str:
-        proc = subprocess.run([RAY, "job", "status", "--address", self.dashboard_address, submission_id],
-                              env=self.env, capture_output=True, text=True, timeout=60)
-        return proc.stdout + proc.stderr
-
     def job_logs(self, submission_id: str) -> str:
         proc = subprocess.run([RAY, "job", "logs", "--address", self.dashboard_address, submission_id],
                               env=self.env, capture_output=True, text=True, timeout=60)

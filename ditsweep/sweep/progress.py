@@ -311,7 +311,7 @@ class SweepProgress(Callback):
             f", {per_minute:.1f} trials/min" if per_minute is not None else "")
         return [f"sweep: {ended}/{len(self.views)} trials ended ({by_status})",
                 f"{rates}; {_duration(self.clock() - self.start)} elapsed, "
-                f"ETA {_duration(self.sweep_eta())}"] + ([self.pool_line()] if self.pool_line() else [])
+                f"ETA {_duration(self.sweep_eta())}"] + [line for line in [self.pool_line()] if line]
 
     # --- drawing ------------------------------------------------------------------------------
     def shown(self, rows: int) -> list[TrialView]:
@@ -372,9 +372,9 @@ class SweepProgress(Callback):
             if self._printed.get(view.name, "pending") != view.status and self._counted(view, now):
                 self._printed[view.name] = view.status
                 self._print(now, _log_line(view))
-        if self.pool_line() != self._printed_pool:  # a replaced evaluator: say so at once
-            self._printed_pool = self.pool_line()
-            self._print(now, self._printed_pool)
+        if (pool := self.pool_line()) != self._printed_pool:  # a replaced evaluator: say so at once
+            self._printed_pool = pool
+            self._print(now, pool)
         if now - self._last_log >= self.log_seconds:
             self._log_summary(now)
 
