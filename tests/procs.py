@@ -45,6 +45,19 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and everything below it (the ones still running, and
+    the ones they waited for), read from /proc."""
+    total = 0.0
+    for p in [pid] + [child for child, _ in descendants(pid)]:
+        try:
+            fields = (Path("/proc") / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

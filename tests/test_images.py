@@ -9,27 +9,20 @@ Needs root (debootstrap, rootful Podman) or a Docker engine; CI installs Podman,
 and debootstrap first (README.md, "Tests")."""
 
 import json
-import os
 import re
-import secrets
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster import HEALTH_ENV, OBJECT_STORE_BYTES
 from conftest import REPO, tiny_sweep
-from containers import Engine, Manifests, build_images
+from containers import ContainerCluster, Engine, build_images, owned_dir
 from procs import free_port, wait_for, wait_for_port
-from s3server import FAKE_KEY_ID, FAKE_SECRET, S3Server
 
 pytestmark = [pytest.mark.images, pytest.mark.slow]  # slow: out of the quick subset too
-RAY = str(Path(sys.executable).parent / "ray")
-UID = 1000  # the images' user (ray, mlflow)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +45,6 @@ def mlflow_pin() -> str:
     import tomllib
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     return next(d.split("==")[1] for d in deps if d.startswith("mlflow=="))
-
-
-def owned_dir(path: Path) -> Path:
-    """A host directory the images' user can write to (a bind mount keeps the host's owner)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(path, UID, UID)
-    else:
-        path.chmod(0o777)
-    return path
 
 
 def trial_runs(client: MlflowClient, experiment: str) -> dict:
@@ -154,143 +137,6 @@ def cluster_sweep(storage: str | None = None) -> dict:
     if storage:
         sweep["storage_path"] = storage
     return sweep
-
-
-class ContainerCluster:
-    """S3 (moto, this machine's loopback), the MLflow server from the mlflow image, a Ray head and
-    two workers from the cpu image, each started with its pod's command and environment from
-    cluster/ (service addresses and the workers' CPUs are this machine's)."""
-
-    def __init__(self, images: dict, engine: Engine, base: Path, workers: int = 2):
-        self.images, self.engine, self.base, self.workers = images, engine, base, workers
-        self.token = secrets.token_hex(16)
-
-    def start(self) -> "ContainerCluster":
-        self.s3 = S3Server().start()
-        values = {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
-        keys = [line.split("=", 1)[0] for line in
-                (REPO / "cluster" / "base" / "secrets.env.example").read_text().splitlines()
-                if "=" in line and not line.startswith("#")]
-        self.m = Manifests({k: values.get(k, secrets.token_hex(12)) for k in keys})
-        for uri in (self.m.config["DITSWEEP_DATA_ROOT"], self.m.config["DITSWEEP_STORAGE"],
-                    self.m.config["MLFLOW_ARTIFACTS_DESTINATION"]):
-            bucket = uri.split("/")[2]
-            if bucket not in {b["Name"] for b in self.s3.client().list_buckets()["Buckets"]}:
-                self.s3.create_bucket(bucket)
-        self.shared = owned_dir(self.base / "shared")
-        self.sweeps = self.base / "sweeps"
-        self.sweeps.mkdir()
-        self._start_mlflow()
-        self._start_ray()
-        return self
-
-    # the services' addresses on this machine, in place of the cluster's Service names
-    def overrides(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "AWS_ENDPOINT_URL_S3": self.s3.endpoint_url}
-
-    def _start_mlflow(self) -> None:
-        """The Deployment's container, then the Jobs that run against it (the sweeps' login)."""
-        port = free_port()
-        self.tracking_uri = f"http://127.0.0.1:{port}"
-        # no PostgreSQL here: the stores in the container's SQLite
-        sqlite = lambda name: f"sqlite:////home/mlflow/{name}.db"  # noqa: E731
-        env = {**self.m.env(self.m.mlflow), **self.overrides(), "MLFLOW_BACKEND_STORE_URI": sqlite("mlflow")}
-        command = [a for a in self.m.command(self.m.mlflow, env)
-                   if not a.startswith(("--host=", "--port="))] + ["--host=127.0.0.1", f"--port={port}"]
-        files = self.m.config_map_mounts(self.m.mlflow_pod, self.m.mlflow, self.base / "mlflow-files",
-                                         edit=lambda key, text: re.sub(r"(?m)^(\s*database_uri\s*=).*$",
-                                                                       rf"\1 {sqlite('auth')}", text))
-        self.engine.start("ci-mlflow", self.images["mlflow"], command, env, files)
-        wait_for_port(port, timeout=180)
-        for job in self.m.mlflow_jobs:
-            container = job["containers"][0]
-            env = {**self.m.env(container), **self.overrides()}
-            for _ in range(10):  # the Job's backoffLimit: the server may still be starting
-                proc = self.engine.run(["--rm", self.images["mlflow"], *self.m.command(container, env)], env)
-                if proc.returncode == 0:
-                    break
-                time.sleep(3)
-            assert proc.returncode == 0, f"{container['name']}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
-
-    def _start_ray(self) -> None:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.nodes = ["ci-head"] + [f"ci-worker-{i}" for i in range(self.workers)]
-        for i, node in enumerate(self.nodes):
-            self._start_node(node, head=i == 0, worker_ports=20000 + 300 * i)
-        wait_for(lambda: self.alive_nodes() == len(self.nodes), 180, "every node alive")
-
-    def _start_node(self, name: str, head: bool, worker_ports: int) -> None:
-        group = self.m.head_group if head else self.m.worker_group
-        container = self.m.head if head else self.m.worker
-        args = self.m.ray_start(group, head)
-        # every port of the node, explicit: the nodes share the host's network
-        args += ["--node-ip-address=127.0.0.1", f"--object-store-memory={OBJECT_STORE_BYTES}",
-                 f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                 f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 299}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
-        if head:
-            args += [f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
-        else:
-            # KubeRay derives --num-cpus from the container's CPU limit: one CPU a worker here
-            args += [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1"]
-        env = {**self.m.env(container), **self.overrides(), **HEALTH_ENV}
-        options = ["--workdir", container["workingDir"], f"--shm-size={self.m.shm_size(group)}",
-                   "-v", f"{self.shared}:/shared"]
-        if head:
-            options += ["-v", f"{self.sweeps}:{container['workingDir']}/ci:ro"]
-        self.engine.start(name, self.images["cpu"], args, env, options)
-
-    @property
-    def client_env(self) -> dict[str, str]:
-        """This machine as the job submitter (KubeRay's submitter pod): Ray's token if the pods
-        have one, S3 and MLflow as the pods see them."""
-        env = {**os.environ, **self.m.env(self.m.head), **self.overrides(), "RAY_USAGE_STATS_ENABLED": "0"}
-        env.pop("RAY_ADDRESS", None)
-        return env
-
-    def alive_nodes(self) -> int:
-        proc = subprocess.run([RAY, "list", "nodes", "--address", f"127.0.0.1:{self.gcs_port}",
-                               "--format", "json", "--filter", "state=ALIVE"],
-                              env=self.client_env, capture_output=True, text=True, timeout=60)
-        try:
-            return len(json.loads(proc.stdout))
-        except ValueError:
-            return 0
-
-    def job(self, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`ray job COMMAND --address ... ARGS` (the address before a submit's `--`)."""
-        return subprocess.run([RAY, "job", command, "--address", f"http://127.0.0.1:{self.dashboard_port}",
-                               *args], env=self.client_env, capture_output=True, text=True, timeout=timeout)
-
-    def s3_keys(self, bucket: str) -> list[str]:
-        pages = self.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-    def diagnosis(self) -> str:
-        """What a failed run leaves to read: the job's status and log, each container's log."""
-        parts = []
-        if hasattr(self, "dashboard_port"):
-            for what in ("status", "logs"):
-                try:
-                    proc = self.job(what, "ci-sweep", timeout=60)
-                    parts.append(f"--- ray job {what}\n{(proc.stdout + proc.stderr)[-6000:]}")
-                except subprocess.TimeoutExpired:
-                    parts.append(f"--- ray job {what}: no answer in 60 s")
-        for name in self.engine.started:
-            parts.append(f"--- {name}\n{self.engine.logs(name)[-3000:]}")
-        return "\n".join(parts)
-
-    def job_ended(self) -> str | None:
-        """`ray job status`'s verdict once the job has one: "succeeded", "failed", "was stopped"."""
-        proc = self.job("status", "ci-sweep")
-        ended = re.search(r"Job 'ci-sweep' (succeeded|failed|was stopped)", proc.stdout + proc.stderr)
-        return ended.group(1) if ended else None
-
-    def close(self) -> None:
-        if hasattr(self, "s3"):
-            self.s3.close()
 
 
 def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(images, engine, tmp_path,
