@@ -129,7 +129,7 @@ def cluster(images: dict, engine: Engine, base: Path) -> tuple:
         ended = time.time()
         cpu = {name: (container_cpu(engine, name) if name in engine.started else cpu_seconds(c.s3.proc.pid))
                - before for name, before in cpu.items()}
-        assert c.job_ended() == "succeeded", c.diagnosis()[-8000:]
+        assert c.job_ended() == "SUCCEEDED", c.diagnosis()[-8000:]
         login = {k: c.client_env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
                  if k in c.client_env}
         os.environ.update(login)  # the sweeps' MLflow login, for this process's client

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from secrets import token_hex
 
@@ -252,7 +253,6 @@ class ContainerCluster:
 
     def __init__(self, images: dict, engine: Engine, base: Path, workers: int = 2):
         self.images, self.engine, self.base, self.workers = images, engine, base, workers
-        self.token = token_hex(16)
 
     def start(self) -> "ContainerCluster":
         self.s3 = S3Server().start()
@@ -372,10 +372,14 @@ class ContainerCluster:
         return "\n".join(parts)
 
     def job_ended(self) -> str | None:
-        """`ray job status`'s verdict once the job has one: "succeeded", "failed", "was stopped"."""
-        proc = self.job("status", "ci-sweep")
-        ended = re.search(r"Job 'ci-sweep' (succeeded|failed|was stopped)", proc.stdout + proc.stderr)
-        return ended.group(1) if ended else None
+        """The job's end state once it has one ("SUCCEEDED", "FAILED", "STOPPED"), from the
+        dashboard's REST API: polling `ray job status` would cost a Python start each time."""
+        token = self.client_env.get("RAY_AUTH_TOKEN")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.dashboard_port}/api/jobs/ci-sweep",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status = json.loads(response.read())["status"]
+        return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
     def close(self) -> None:
         if hasattr(self, "s3"):

@@ -200,7 +200,7 @@ def test_images_as_a_kuberay_cluster_run_the_rayjob_and_survive_a_killed_worker(
 
         status = wait_for(c.job_ended, 900, "the job's end", interval=3)
         logs = c.job("logs", "ci-sweep").stdout
-        assert status == "succeeded", status + "\n" + logs[-5000:]
+        assert status == "SUCCEEDED", status + "\n" + logs[-5000:]
         assert "preflight passed" in logs and "2/2 trials finished" in logs, logs[-3000:]
         sweep_time = time.monotonic() - started - up
 
