@@ -4,7 +4,7 @@ command in one container, and as the RayJob's entry point on the images as a Kub
 server, S3 on loopback), one after the other on this machine. Prints each phase of both runs
 side by side, read from the MLflow runs each leaves, and what the idle cluster costs the host.
 
-    python tests/bench_container_sweep.py        # root, Podman or Docker; ~15 min, images cached
+    python tests/bench_container_sweep.py        # root, Podman or Docker; ~8 min, images cached
 
 The cluster reads the sweep's data from S3 (packed from the built-in photos, as a cluster must);
 the single container reads the built-in photos, as the image's default command does.
@@ -31,7 +31,8 @@ def cpu_busy(seconds: float) -> float:
     def sample():
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
         return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-    (t0, i0), _ = sample(), time.sleep(seconds)
+    t0, i0 = sample()
+    time.sleep(seconds)
     t1, i1 = sample()
     return 1 - (i1 - i0) / (t1 - t0)
 
@@ -44,7 +45,7 @@ def container_cpu(engine: Engine, name: str) -> float:
         if "cpuacct" in controllers.split(","):  # cgroup v1
             return int(Path(f"/sys/fs/cgroup/cpuacct{path}/cpuacct.usage").read_text()) / 1e9
         if number == "0" and Path(f"/sys/fs/cgroup{path}/cpu.stat").exists():  # cgroup v2
-            stat = dict(l.split() for l in Path(f"/sys/fs/cgroup{path}/cpu.stat").read_text().splitlines())
+            stat = dict(row.split() for row in Path(f"/sys/fs/cgroup{path}/cpu.stat").read_text().splitlines())
             return int(stat["usage_usec"]) / 1e6
     raise RuntimeError(f"no CPU accounting found for container {name}")
 
@@ -60,7 +61,7 @@ def timed_lines(command: list[str], env: dict | None = None, timeout: float = 18
     return lines
 
 
-def phases(client: MlflowClient, experiment: str, started: float, ended: float) -> dict[str, str]:
+def phases(client: MlflowClient, experiment: str, started: float, ended: float) -> dict[str, float]:
     """The sweep's phases from its MLflow runs (times in seconds, wall clock)."""
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
@@ -97,7 +98,7 @@ def one_container(images: dict, engine: Engine, base: Path) -> tuple[dict, list]
     log = timed_lines([*engine.cmd, "run", "--network", "host", *engine.run_flags, "--rm",
                        "--shm-size=2g", "-v", f"{results}:/home/ray/ditsweep", images["cpu"]])
     ended = time.time()
-    assert any("4/4 trials finished" in line for _, line in log), "\n".join(l for _, l in log[-60:])
+    assert any("4/4 trials finished" in line for _, line in log), "\n".join(line for _, line in log[-60:])
     return phases(MlflowClient(f"sqlite:///{results / 'mlflow.db'}"), "smoke", started, ended), \
         [(t - started, line) for t, line in log]
 
@@ -123,7 +124,7 @@ def cluster(images: dict, engine: Engine, base: Path) -> tuple:
         started = time.time()
         submit = c.job("submit", "--submission-id", "ci-sweep", "--no-wait", "--", *entrypoint)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        # one follower for the job's log and its end (polling `ray job status` costs a Python start each)
+        # the job's log, each line timed as it arrives; `--follow` returns when the job ends
         log = timed_lines([RAY, "job", "logs", "--address", f"http://127.0.0.1:{c.dashboard_port}",
                            "--follow", "ci-sweep"], env=c.client_env)
         ended = time.time()
