@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from secrets import token_hex
 
 import yaml
 
 from cluster import HEALTH_ENV, OBJECT_STORE_BYTES
-from procs import free_port, wait_for, wait_for_port
+from procs import free_port, http, wait_for, wait_for_port
 from s3server import FAKE_KEY_ID, FAKE_SECRET, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,10 +374,10 @@ class ContainerCluster:
         """The job's end state once it has one ("SUCCEEDED", "FAILED", "STOPPED"), from the
         dashboard's REST API: polling `ray job status` would cost a Python start each time."""
         token = self.client_env.get("RAY_AUTH_TOKEN")
-        request = urllib.request.Request(f"http://127.0.0.1:{self.dashboard_port}/api/jobs/ci-sweep",
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status = json.loads(response.read())["status"]
+        code, text = http(f"http://127.0.0.1:{self.dashboard_port}/api/jobs/ci-sweep",
+                          headers={"Authorization": f"Bearer {token}"} if token else {})
+        assert code == 200, (code, text[:300])
+        status = json.loads(text)["status"]
         return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
     def close(self) -> None:

@@ -1,9 +1,12 @@
 """Process helpers for tests that start real servers and kill real processes."""
 
+import json
 import os
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 
@@ -56,6 +59,17 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime, in clock ticks
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def http(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, or of a POST of `body` as JSON; an HTTP error is a status too."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):

@@ -17,8 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster import ADMIN, RAY, USER, LoopbackCluster
 from conftest import REPO, tiny_sweep, write_sweep
-from procs import cpu_seconds, wait_for
+from procs import cpu_seconds, http, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS, LOG_EVERY, CHECKPOINT_EVERY, EVAL_EVERY = 120, 10, 20, 40
@@ -88,16 +86,6 @@ def cluster():
     with LoopbackCluster(workers=2, cpus_per_worker=3) as c:
         c.up_s = time.monotonic() - started
         yield c
-
-
-def http(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def basic(user: str, password: str) -> dict:
